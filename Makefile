@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install system-deps clean
+
+demo: $(STAMP)
+	$(BIN)/workbench demo
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)
+
+# Reinstall only when the project's requirements change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Real Fashion-MNIST for the torchvision loader's offline path (Debian's package, ~30 MB).
+system-deps:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "note: could not install dataset-fashion-mnist; its test will say how"; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from workbench.client import ClientUpdate
+from workbench.config import StrategyConfig
+from workbench.strategies import FedAvg, FedProx, build_strategy, weighted_average
+
+
+def update(client, value, num_samples, is_partial=False):
+    return ClientUpdate(client, {"w": torch.full((2,), float(value))}, num_samples, 1, 0.0, is_partial)
+
+
+def test_weights_are_proportional_to_sample_counts():
+    avg = weighted_average([{"w": torch.tensor([0.0])}, {"w": torch.tensor([10.0])}], [30, 10])
+    assert torch.allclose(avg["w"], torch.tensor([2.5]))
+    # scaling every weight changes nothing
+    again = weighted_average([{"w": torch.tensor([0.0])}, {"w": torch.tensor([10.0])}], [3, 1])
+    assert torch.allclose(avg["w"], again["w"])
+
+
+def test_weighted_average_is_pure_and_rejects_nonsense():
+    states = [{"w": torch.ones(3)}, {"w": torch.zeros(3)}]
+    weighted_average(states, [1, 1])
+    assert torch.equal(states[0]["w"], torch.ones(3))
+    with pytest.raises(ValueError):
+        weighted_average([], [])
+    with pytest.raises(ValueError):
+        weighted_average(states, [0, 0])
+
+
+@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.1)])
+def test_conformance(strategy):
+    """Every strategy: same-valued updates give that value; no updates keep the global model."""
+    global_state = {"w": torch.zeros(2)}
+    out = strategy.aggregate(global_state, [update(0, 3.0, 5), update(1, 3.0, 50)])
+    assert torch.allclose(out["w"], torch.full((2,), 3.0))
+    assert torch.equal(strategy.aggregate(global_state, [])["w"], global_state["w"])
+    assert strategy.proximal_mu >= 0
+
+
+def test_fedavg_drops_stragglers_fedprox_keeps_them():
+    global_state = {"w": torch.zeros(2)}
+    updates = [update(0, 1.0, 10), update(1, 5.0, 10, is_partial=True)]
+    assert torch.allclose(FedAvg().aggregate(global_state, updates)["w"], torch.full((2,), 1.0))
+    assert torch.allclose(FedProx(mu=1.0).aggregate(global_state, updates)["w"], torch.full((2,), 3.0))
+    only_stragglers = [update(1, 5.0, 10, is_partial=True)]
+    assert torch.equal(FedAvg().aggregate(global_state, only_stragglers)["w"], global_state["w"])
+
+
+def test_build_strategy():
+    assert build_strategy(StrategyConfig(name="fedavg")).proximal_mu == 0
+    assert build_strategy(StrategyConfig(name="fedprox", mu=0.3)).proximal_mu == 0.3

@@ -1,0 +1,331 @@
+"""The experiment config: every knob with its type, default, range and description, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+DATASETS = ("synthetic", "synthetic_iid", "digits", "mnist1d", "fashion_mnist", "mnist", "cifar10")
+MODELS = ("logreg", "mlp", "cnn")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "natural")
+STRATEGIES = ("fedavg", "fedprox")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    hint: str = "",
+) -> Any:
+    """A config field that carries its range and description beside its default."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max,
+                "min_exclusive": min_exclusive, "hint": hint}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What the CLI help, the widgets and the validation need to know about one field."""
+
+    key: str
+    type: type
+    default: Any
+    help: str
+    choices: Sequence[Any] | None
+    min: float | None
+    max: float | None
+    min_exclusive: bool
+    hint: str
+
+    def describe_range(self) -> str:
+        if self.choices is not None:
+            return "{" + ", ".join(str(c) for c in self.choices) + "}"
+        low = "" if self.min is None else (f"> {self.min}" if self.min_exclusive else f">= {self.min}")
+        high = "" if self.max is None else f"<= {self.max}"
+        return " and ".join(part for part in (low, high) if part) or "any"
+
+    def check(self, value: Any) -> Any:
+        """Coerce `value` to this knob's type and check its range; raise naming the field."""
+        value = _coerce(self, value)
+        if self.choices is not None and value not in self.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"choose one of {self.describe_range()}"
+            raise ValueError(f"{self.key} must be one of {self.describe_range()}, got {value!r} ({fix})")
+        too_low = self.min is not None and (value <= self.min if self.min_exclusive else value < self.min)
+        too_high = self.max is not None and value > self.max
+        if too_low or too_high:
+            hint = f" ({self.hint})" if self.hint else ""
+            raise ValueError(f"{self.key} must be {self.describe_range()}, got {value!r}{hint}")
+        return value
+
+
+def _coerce(knob_: Knob, value: Any) -> Any:
+    expected = knob_.type
+    if isinstance(value, str) and expected is not str:
+        text = value.strip()
+        try:
+            if expected is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                return lowered in ("true", "1", "yes")
+            if expected is int:
+                return int(text)
+            return float(text)
+        except ValueError:
+            raise TypeError(
+                f"{knob_.key} must be a {expected.__name__}, got {value!r} "
+                f"(write it like {knob_.default!r})"
+            ) from None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and value is None:
+        return ""
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise TypeError(
+            f"{knob_.key} must be a {expected.__name__}, got {value!r} of type "
+            f"{type(value).__name__} (write it like {knob_.default!r})"
+        )
+    return value
+
+
+class _Section:
+    """Validates its own fields on construction, so an invalid section cannot exist."""
+
+    _prefix = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            k = _knob_of(self._prefix, f, type(self))
+            object.__setattr__(self, f.name, k.check(getattr(self, f.name)))
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    _prefix = "data"
+    name: str = knob("synthetic", "dataset: generated (synthetic, synthetic_iid, mnist1d), bundled (digits) "
+                     "or torchvision (fashion_mnist, mnist, cifar10)", choices=DATASETS)
+    root: str = knob("data", "folder for torchvision datasets (downloaded there when online)")
+    alpha: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' models differ (Li et al. 2020)",
+                        min=0.0, hint="0 = same model for all clients; the FedProx paper uses 0, 0.5, 1")
+    beta: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' inputs differ (Li et al. 2020)",
+                       min=0.0, hint="0 = same input distribution; the FedProx paper uses 0, 0.5, 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    _prefix = "model"
+    name: str = knob("logreg", "model: multinomial logistic regression, 2NN MLP (200-200) or the CNN "
+                     "of McMahan et al. 2017", choices=MODELS)
+
+
+@dataclass(frozen=True)
+class PartitionConfig(_Section):
+    _prefix = "partition"
+    scheme: str = knob("natural", "how training samples are split among clients", choices=PARTITION_SCHEMES)
+    alpha: float = knob(0.5, "dirichlet label skew: smaller = more skew", min=0.0, min_exclusive=True,
+                        hint="smaller alpha = more label skew; try 0.1-1.0")
+    shards_per_client: int = knob(2, "shards: label-sorted shards per client (McMahan et al. 2017)", min=1,
+                                  hint="McMahan et al. use 2")
+    min_size: int = knob(1, "smallest number of training samples any client may hold", min=1,
+                         hint="every client needs at least one sample")
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Section):
+    _prefix = "federation"
+    num_clients: int = knob(30, "number of clients (synthetic: number of generated devices)", min=1)
+    clients_per_round: int = knob(10, "clients sampled uniformly without replacement each round", min=1)
+    rounds: int = knob(50, "communication rounds", min=1)
+    straggler_fraction: float = knob(0.0, "fraction of sampled clients that only do 1..E-1 local epochs "
+                                     "(FedAvg drops them, FedProx keeps their partial work)",
+                                     min=0.0, max=1.0, hint="the FedProx paper uses 0, 0.5, 0.9")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Section):
+    _prefix = "training"
+    local_epochs: int = knob(20, "local epochs E per round", min=1)
+    batch_size: int = knob(10, "local mini-batch size B", min=1)
+    lr: float = knob(0.01, "local SGD learning rate", min=0.0, min_exclusive=True,
+                     hint="try 0.01-0.1 for SGD")
+
+
+@dataclass(frozen=True)
+class StrategyConfig(_Section):
+    _prefix = "strategy"
+    name: str = knob("fedavg", "aggregation algorithm", choices=STRATEGIES)
+    mu: float = knob(1.0, "FedProx proximal weight mu (fedprox only; mu=0 keeps stragglers' work "
+                     "without a proximal term)", min=0.0, hint="the FedProx paper uses 0.001-1")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(_Section):
+    _prefix = "evaluation"
+    every: int = knob(1, "evaluate the global model every N rounds (and always after the last)", min=1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the same config gives the same numbers."""
+
+    seed: int = knob(0, "seed of every random stream (data, partition, sampling, stragglers, training)", min=0)
+    device: str = knob("auto", "where tensors live: auto = cuda when available, else cpu", choices=DEVICES)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name not in _SECTIONS:
+                object.__setattr__(self, f.name, _knob_of("", f, type(self)).check(getattr(self, f.name)))
+            elif not isinstance(getattr(self, f.name), _SECTIONS[f.name]):
+                raise TypeError(f"{f.name} must be a {_SECTIONS[f.name].__name__}")
+        fed, train = self.federation, self.training
+        if fed.clients_per_round > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round must be <= federation.num_clients ({fed.num_clients}), "
+                f"got {fed.clients_per_round} (lower clients_per_round or raise num_clients)"
+            )
+        if fed.straggler_fraction > 0 and train.local_epochs < 2:
+            raise ValueError(
+                f"federation.straggler_fraction={fed.straggler_fraction} needs training.local_epochs >= 2, "
+                f"got {train.local_epochs} (stragglers do a random 1..E-1 epochs; "
+                "raise local_epochs or set straggler_fraction=0)"
+            )
+
+    # ----- flat-dict round trip (MLflow params, CLI overrides) -----
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k.key: _get(self, k.key) for k in knobs()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
+        """Build from a nested mapping ({"training": {"lr": 0.1}}) or flat keys ({"training.lr": 0.1})."""
+        return cls().with_overrides(_flatten(values))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentConfig":
+        """A new config with `{"section.field": value}` changes applied and validated."""
+        known = {k.key: k for k in knobs()}
+        sections = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                fix = f"did you mean {close[0]!r}?" if close else "see `workbench run --help` for every key"
+                raise ValueError(f"unknown config key {key!r} ({fix})")
+            section, _, name = key.rpartition(".")
+            (sections[section] if section else top)[name] = known[key].check(value)
+        changed = {name: dataclasses.replace(getattr(self, name), **vals)
+                   for name, vals in sections.items() if vals}
+        return dataclasses.replace(self, **top, **changed)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ExperimentConfig":
+        """Load a YAML (.yaml/.yml) or JSON (.json) file of nested sections or flat keys."""
+        return cls().with_overrides(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The flat `{"section.field": value}` pairs of a YAML or JSON config file (not yet validated)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {err.strerror} (check the path)") from err
+    is_json = path.suffix.lower() == ".json"
+    try:
+        if is_json:
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError or yaml.YAMLError: both mean a malformed file
+        kind = "JSON" if is_json else "YAML"
+        raise ValueError(f"config file {str(path)!r} is not valid {kind}: {err}") from err
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values, "
+                         f"got a {type(values).__name__}")
+    return _flatten(values)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "partition": PartitionConfig,
+    "federation": FederationConfig, "training": TrainingConfig, "strategy": StrategyConfig,
+    "evaluation": EvaluationConfig,
+}
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _knob_of(prefix: str, f: dataclasses.Field, owner: type) -> Knob:
+    annotation = f.type if isinstance(f.type, str) else f.type.__name__
+    meta = f.metadata
+    return Knob(
+        key=f"{prefix}.{f.name}" if prefix else f.name,
+        type=_TYPES[annotation],
+        default=f.default,
+        help=meta["help"],
+        choices=meta["choices"],
+        min=meta["min"],
+        max=meta["max"],
+        min_exclusive=meta["min_exclusive"],
+        hint=meta["hint"],
+    )
+
+
+def knobs() -> list[Knob]:
+    """Every public config key, in display order."""
+    result = []
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name in _SECTIONS:
+            section = _SECTIONS[f.name]
+            result += [_knob_of(f.name, sf, section) for sf in dataclasses.fields(section)]
+        else:
+            result.append(_knob_of("", f, ExperimentConfig))
+    return result
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split a `--set key=value` argument."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r} (for example --set training.lr=0.05)")
+    return key.strip(), value.strip()
+
+
+def _get(config: ExperimentConfig, key: str) -> Any:
+    obj: Any = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, full))
+        else:
+            flat[full] = value
+    return flat

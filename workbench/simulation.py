@@ -1,0 +1,230 @@
+"""The round loop: seed streams, client sampling, stragglers, evaluation, `RoundResult`, `History`, `Callback`."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ExperimentConfig
+from workbench.data import Dataset, load_dataset
+from workbench.execution import ClientTask, Executor, SequentialExecutor
+from workbench.models import build_model, check_model_fits
+from workbench.partition import partition, summarize
+from workbench.strategies import Strategy, build_strategy
+
+# Independent random streams, one per purpose, so that changing the algorithm (or skipping a
+# straggler's training) never shifts the data, the partition, the sampled clients or the stragglers.
+STREAM_DATA, STREAM_PARTITION, STREAM_INIT, STREAM_SAMPLING, STREAM_STRAGGLERS, STREAM_TRAINING = range(6)
+
+
+def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
+    """The random generator for one purpose (and round, client): independent of every other stream."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(purpose, *keys)))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible here (use device=auto or device=cpu)")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Federation:
+    """A prepared experiment: data on its device, the partition, the initial global model."""
+
+    config: ExperimentConfig
+    dataset: Dataset
+    clients: list[np.ndarray]
+    model: nn.Module
+    strategy: Strategy
+    device: torch.device
+    partition_stats: dict[str, float]
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+
+def prepare(config: ExperimentConfig) -> Federation:
+    """Load data, partition it and build the model; every user error surfaces here, before any round."""
+    device = resolve_device(config.device)
+    num_clients = config.federation.num_clients
+    dataset = load_dataset(config.data, num_clients, stream(config.seed, STREAM_DATA))
+    check_model_fits(config.model.name, dataset.input_shape)
+    labels = dataset.y_train.numpy()
+    clients = partition(labels, num_clients, config.partition, stream(config.seed, STREAM_PARTITION),
+                        natural=dataset.client_train)
+    if len(clients) != num_clients:
+        raise ValueError(
+            f"federation.num_clients={num_clients}, but data.name={dataset.name} has {len(clients)} natural "
+            f"clients (set federation.num_clients={len(clients)})"
+        )
+    init = torch.Generator().manual_seed(int(stream(config.seed, STREAM_INIT).integers(2**63)))
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, init).to(device)
+    dataset = Dataset(
+        dataset.name, dataset.x_train.to(device), dataset.y_train.to(device), dataset.x_test.to(device),
+        dataset.y_test.to(device), dataset.num_classes, dataset.client_train, dataset.client_test,
+    )
+    stats = summarize(labels, clients, dataset.num_classes)
+    return Federation(config, dataset, clients, model, build_strategy(config.strategy), device, stats)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did and measured."""
+
+    round: int
+    metrics: dict[str, float]
+    sampled: tuple[int, ...]
+    stragglers: tuple[int, ...]
+    #: Accuracy of the new global model on each client's own test data (empty where clients have none).
+    client_accuracy: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """Every round's result, in order; returned by `run` and shown to callbacks."""
+
+    rounds: list[RoundResult] = field(default_factory=list)
+    status: str = "RUNNING"
+
+    def metric(self, name: str) -> list[tuple[int, float]]:
+        """(round, value) for every round that measured `name`."""
+        return [(r.round, r.metrics[name]) for r in self.rounds if name in r.metrics]
+
+    def final(self) -> dict[str, float]:
+        """The latest value of every metric."""
+        latest: dict[str, float] = {}
+        for r in self.rounds:
+            latest.update(r.metrics)
+        return latest
+
+
+class Callback:
+    """Observes a run; override what you need. The round loop knows nothing else about its observers."""
+
+    def on_run_start(self, federation: Federation) -> None:
+        pass
+
+    def on_round_end(self, result: RoundResult, federation: Federation) -> None:
+        pass
+
+    def on_run_end(self, history: History, federation: Federation, error: BaseException | None) -> None:
+        """Called once, also when the run fails (`history.status` FAILED) or is interrupted (KILLED)."""
+
+
+def sample_round(config: ExperimentConfig, round_: int) -> tuple[np.ndarray, dict[int, int]]:
+    """The clients sampled in a round and, for each straggler among them, the epochs it manages.
+
+    Depends only on the seed and the round, so every algorithm faces the same clients and stragglers.
+    """
+    fed, epochs = config.federation, config.training.local_epochs
+    sampled = np.sort(stream(config.seed, STREAM_SAMPLING, round_).choice(
+        fed.num_clients, fed.clients_per_round, replace=False))
+    rng = stream(config.seed, STREAM_STRAGGLERS, round_)
+    num_stragglers = int(round(fed.straggler_fraction * fed.clients_per_round))
+    stragglers = np.sort(rng.choice(sampled, num_stragglers, replace=False))
+    partial_epochs = rng.integers(1, epochs, size=num_stragglers) if num_stragglers else []
+    return sampled, {int(c): int(e) for c, e in zip(stragglers, partial_epochs)}
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float, torch.Tensor]:
+    """Mean loss, accuracy and the per-sample correctness of `model` on (x, y)."""
+    model.eval()
+    losses, hits = [], []
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            logits = model(x[start:start + batch_size])
+            target = y[start:start + batch_size]
+            losses.append(F.cross_entropy(logits, target, reduction="sum"))
+            hits.append(logits.argmax(dim=1) == target)
+    correct = torch.cat(hits)
+    return float(sum(losses)) / len(y), float(correct.float().mean()), correct
+
+
+def run(
+    config: ExperimentConfig | Federation,
+    callbacks: Sequence[Callback] = (),
+    executor: Executor | None = None,
+) -> History:
+    """Run every round of the experiment and return its history; callbacks observe each step."""
+    federation = config if isinstance(config, Federation) else prepare(config)
+    config = federation.config
+    executor = executor or SequentialExecutor(federation.model)
+    history = History()
+    for callback in callbacks:
+        callback.on_run_start(federation)
+    error: BaseException | None = None
+    try:
+        for round_ in range(1, config.federation.rounds + 1):
+            result = run_round(federation, executor, round_)
+            history.rounds.append(result)
+            for callback in callbacks:
+                callback.on_round_end(result, federation)
+        history.status = "FINISHED"
+    except KeyboardInterrupt as err:
+        history.status, error = "KILLED", err
+        raise
+    except Exception as err:
+        history.status, error = "FAILED", err
+        raise
+    finally:
+        for callback in callbacks:
+            callback.on_run_end(history, federation, error)
+    return history
+
+
+def run_round(federation: Federation, executor: Executor, round_: int) -> RoundResult:
+    """One round: sample, train the cohort, aggregate into `federation.model`, evaluate."""
+    config, data, strategy = federation.config, federation.dataset, federation.strategy
+    started = time.perf_counter()
+    sampled, stragglers = sample_round(config, round_)
+    tasks = []
+    for client in sampled:
+        is_partial = int(client) in stragglers
+        if is_partial and not strategy.keeps_partial_work:
+            continue  # dropped anyway: don't spend the time
+        seed = int(stream(config.seed, STREAM_TRAINING, round_, int(client)).integers(2**63))
+        indices = torch.as_tensor(federation.clients[client], device=federation.device)
+        epochs = stragglers.get(int(client), config.training.local_epochs)
+        tasks.append(ClientTask(int(client), indices, epochs, is_partial, seed))
+    global_state = {k: v.detach().clone() for k, v in federation.model.state_dict().items()}
+    updates = executor.run_cohort(global_state, tasks, data.x_train, data.y_train, config.training,
+                                  strategy.proximal_mu)
+    new_state = strategy.aggregate(global_state, updates)
+    if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+        raise FloatingPointError(f"round {round_} diverged: the aggregated model has inf/nan weights "
+                                 f"(lower training.lr, currently {config.training.lr})")
+    federation.model.load_state_dict(new_state)
+
+    metrics: dict[str, float] = {"num_updates": float(len(updates)), "num_stragglers": float(len(stragglers))}
+    if updates:
+        weights = np.array([u.num_samples for u in updates], dtype=np.float64)
+        metrics["train_loss"] = float(np.dot(weights, [u.train_loss for u in updates]) / weights.sum())
+    client_accuracy: dict[int, float] = {}
+    if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
+        loss, accuracy, correct = evaluate(federation.model, data.x_test, data.y_test)
+        metrics.update(test_loss=loss, test_accuracy=accuracy)
+        if data.client_test is not None:
+            hits = correct.cpu().numpy()
+            client_accuracy = {k: float(hits[idx].mean()) for k, idx in enumerate(data.client_test) if len(idx)}
+            values = np.array(list(client_accuracy.values()))
+            metrics.update(client_accuracy_min=float(values.min()),
+                           client_accuracy_p10=float(np.percentile(values, 10)),
+                           client_accuracy_median=float(np.median(values)))
+    metrics["round_time_s"] = time.perf_counter() - started
+    if not all(math.isfinite(v) for v in metrics.values()):
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        raise FloatingPointError(
+            f"round {round_} diverged: {bad} (lower training.lr, currently {config.training.lr})"
+        )
+    return RoundResult(round_, metrics, tuple(int(c) for c in sampled), tuple(stragglers), client_accuracy)
