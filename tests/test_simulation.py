@@ -121,3 +121,49 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_config):
     else:
         with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU"):
             prepare(tiny_config.with_overrides({"device": "cuda"}))
+
+
+def test_stop_ends_the_run_killed_after_finished_rounds(tiny_config):
+    import threading
+
+    stop = threading.Event()
+
+    class StopAtTwo(Callback):
+        def on_round_end(self, result, federation):
+            if result.round == 2:
+                stop.set()
+
+        def on_run_end(self, history, federation, error):
+            self.status = history.status
+
+    watcher = StopAtTwo()
+    history = run(tiny_config.with_overrides({"federation.rounds": 5}), [watcher], stop=stop)
+    assert history.status == watcher.status == "KILLED"
+    assert [r.round for r in history.rounds] == [1, 2]
+
+
+def test_executor_checks_stop_before_every_client(tiny_config):
+    import threading
+
+    from workbench.execution import ClientTask, RunStopped, SequentialExecutor
+
+    federation = prepare(tiny_config)
+    stop = threading.Event()
+    stop.set()
+    task = ClientTask(0, torch.as_tensor(federation.clients[0]), 1, False, 0)
+    with pytest.raises(RunStopped):
+        SequentialExecutor(federation.model).run_cohort(
+            federation.model.state_dict(), [task], federation.dataset.x_train, federation.dataset.y_train,
+            tiny_config.training, 0.0, stop)
+
+
+def test_threads_setting_applies_during_the_run_only(tiny_config):
+    seen = []
+
+    class Threads(Callback):
+        def on_round_end(self, result, federation):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    run(tiny_config.with_overrides({"execution.threads": 1, "federation.rounds": 1}), [Threads()])
+    assert seen == [1] and torch.get_num_threads() == before

@@ -60,3 +60,31 @@ def test_interrupted_run_ends_killed(tiny_config, tracking_uri):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config, [tracker, CtrlC()])
     assert MlflowClient(tracking_uri).get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_stopped_run_ends_killed_with_its_rounds(tiny_config, tracking_uri):
+    import threading
+
+    stop = threading.Event()
+
+    class StopAfterOne(Callback):
+        def on_round_end(self, result, federation):
+            stop.set()
+
+    tracker = MlflowCallback(tracking_uri, experiment="t")
+    run(tiny_config, [tracker, StopAfterOne()], stop=stop)
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "test_accuracy")] == [1]
+
+
+def test_default_store_is_found_from_a_subfolder(tmp_path, monkeypatch):
+    from workbench.tracking import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert default_tracking_uri() == "http://127.0.0.1:1"

@@ -89,9 +89,7 @@ def run_experiment(config: ExperimentConfig, tracking_uri: str | None, experimen
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return command_run(args)
-        return command_demo(args)
+        return COMMANDS[args.command](args)
     except UsageError as err:
         print(f"workbench: error: {err}", file=sys.stderr)
         return 2
@@ -127,6 +125,9 @@ def command_demo(args: argparse.Namespace) -> int:
     print(format_table(results, base.strategy.mu))
     print(f"\nBoth runs are in MLflow experiment {experiment!r}. Open the UI with:\n  {ui_command(tracking_uri)}")
     return 0
+
+
+COMMANDS = {"run": command_run, "demo": command_demo}
 
 
 def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) -> str:

@@ -14,6 +14,7 @@ MODELS = ("logreg", "mlp", "cnn")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "natural")
 STRATEGIES = ("fedavg", "fedprox")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("sequential",)
 
 
 def knob(
@@ -169,6 +170,15 @@ class StrategyConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ExecutionConfig(_Section):
+    _prefix = "execution"
+    executor: str = knob("sequential", "how a round's clients are computed: sequential = one after another "
+                         "on one model (the reference)", choices=EXECUTORS)
+    threads: int = knob(0, "torch intra-op threads during a run (0 = torch's default)", min=0,
+                        hint="1 is often fastest for small models on few cores")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig(_Section):
     _prefix = "evaluation"
     every: int = knob(1, "evaluate the global model every N rounds (and always after the last)", min=1)
@@ -186,6 +196,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
@@ -271,7 +282,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 _SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "training": TrainingConfig, "strategy": StrategyConfig,
-    "evaluation": EvaluationConfig,
+    "execution": ExecutionConfig, "evaluation": EvaluationConfig,
 }
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}

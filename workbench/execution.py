@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
@@ -11,6 +12,15 @@ from torch import nn
 
 from workbench.client import ClientUpdate, train_locally
 from workbench.config import TrainingConfig
+
+
+class RunStopped(Exception):
+    """Raised inside a round when the user asked the run to stop; the run ends KILLED."""
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RunStopped("stopped by the user")
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,10 @@ class Executor(Protocol):
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        stop: threading.Event | None = None,
     ) -> list[ClientUpdate]:
-        """Every task's update, in the order of `tasks`."""
+        """Every task's update, in the order of `tasks`; raises `RunStopped` within one client update
+        of `stop` being set."""
 
 
 class SequentialExecutor:
@@ -45,9 +57,11 @@ class SequentialExecutor:
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        stop: threading.Event | None = None,
     ) -> list[ClientUpdate]:
         updates = []
         for task in tasks:
+            check_stop(stop)
             generator = torch.Generator().manual_seed(task.seed)
             state, loss = train_locally(
                 self._scratch, global_state, x[task.indices], y[task.indices],
@@ -57,3 +71,11 @@ class SequentialExecutor:
             updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, loss,
                                         task.is_partial))
         return updates
+
+
+EXECUTORS = {"sequential": SequentialExecutor}
+
+
+def build_executor(name: str, model: nn.Module) -> Executor:
+    """The executor called `name` (config key `execution.executor`), working on copies of `model`."""
+    return EXECUTORS[name](model)

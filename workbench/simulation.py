@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -14,7 +16,7 @@ from torch import nn
 
 from workbench.config import ExperimentConfig
 from workbench.data import Dataset, load_dataset
-from workbench.execution import ClientTask, Executor, SequentialExecutor
+from workbench.execution import ClientTask, Executor, RunStopped, build_executor, check_stop
 from workbench.models import build_model, check_model_fits
 from workbench.partition import partition, summarize
 from workbench.strategies import Strategy, build_strategy
@@ -151,39 +153,62 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(sum(losses)) / len(y), float(correct.float().mean()), correct
 
 
+@contextmanager
+def torch_threads(num_threads: int):
+    """Use `num_threads` intra-op threads inside the block (0 = leave torch's setting alone)."""
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(
     config: ExperimentConfig | Federation,
     callbacks: Sequence[Callback] = (),
     executor: Executor | None = None,
+    *,
+    stop: threading.Event | None = None,
 ) -> History:
-    """Run every round of the experiment and return its history; callbacks observe each step."""
+    """Run every round of the experiment and return its history; callbacks observe each step.
+
+    Setting `stop` (from another thread: a Stop button, a signal handler) ends the run within one
+    client update with status KILLED; the history of the finished rounds is returned.
+    """
     federation = config if isinstance(config, Federation) else prepare(config)
     config = federation.config
-    executor = executor or SequentialExecutor(federation.model)
+    executor = executor or build_executor(config.execution.executor, federation.model)
     history = History()
-    for callback in callbacks:
-        callback.on_run_start(federation)
     error: BaseException | None = None
-    try:
-        for round_ in range(1, config.federation.rounds + 1):
-            result = run_round(federation, executor, round_)
-            history.rounds.append(result)
-            for callback in callbacks:
-                callback.on_round_end(result, federation)
-        history.status = "FINISHED"
-    except KeyboardInterrupt as err:
-        history.status, error = "KILLED", err
-        raise
-    except Exception as err:
-        history.status, error = "FAILED", err
-        raise
-    finally:
+    with torch_threads(config.execution.threads):
         for callback in callbacks:
-            callback.on_run_end(history, federation, error)
+            callback.on_run_start(federation)
+        try:
+            for round_ in range(1, config.federation.rounds + 1):
+                check_stop(stop)
+                result = run_round(federation, executor, round_, stop)
+                history.rounds.append(result)
+                for callback in callbacks:
+                    callback.on_round_end(result, federation)
+            history.status = "FINISHED"
+        except RunStopped as err:
+            history.status, error = "KILLED", err
+        except KeyboardInterrupt as err:
+            history.status, error = "KILLED", err
+            raise
+        except Exception as err:
+            history.status, error = "FAILED", err
+            raise
+        finally:
+            for callback in callbacks:
+                callback.on_run_end(history, federation, error)
     return history
 
 
-def run_round(federation: Federation, executor: Executor, round_: int) -> RoundResult:
+def run_round(federation: Federation, executor: Executor, round_: int,
+              stop: threading.Event | None = None) -> RoundResult:
     """One round: sample, train the cohort, aggregate into `federation.model`, evaluate."""
     config, data, strategy = federation.config, federation.dataset, federation.strategy
     started = time.perf_counter()
@@ -199,7 +224,7 @@ def run_round(federation: Federation, executor: Executor, round_: int) -> RoundR
         tasks.append(ClientTask(int(client), indices, epochs, is_partial, seed))
     global_state = {k: v.detach().clone() for k, v in federation.model.state_dict().items()}
     updates = executor.run_cohort(global_state, tasks, data.x_train, data.y_train, config.training,
-                                  strategy.proximal_mu)
+                                  strategy.proximal_mu, stop)
     new_state = strategy.aggregate(global_state, updates)
     if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
         raise FloatingPointError(f"round {round_} diverged: the aggregated model has inf/nan weights "

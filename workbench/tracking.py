@@ -25,10 +25,17 @@ _MLFLOW_PARAM_LIMIT = 100  # log_batch accepts at most 100 params per call
 
 
 def default_tracking_uri(project_dir: str | Path | None = None) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the embedded store `sqlite:///<project>/mlruns/mlflow.db`."""
+    """`MLFLOW_TRACKING_URI` when set, else the embedded store `sqlite:///<project>/mlruns/mlflow.db`.
+
+    The project is the nearest folder, from the current one upwards, that has an `mlruns/` folder (so
+    a notebook in `notebooks/` logs to the same store as the CLI), else the current folder.
+    """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return local_store_uri(Path(project_dir or Path.cwd()) / "mlruns")
+    if project_dir is None:
+        here = Path.cwd().resolve()
+        project_dir = next((p for p in (here, *here.parents) if (p / "mlruns").is_dir()), here)
+    return local_store_uri(Path(project_dir) / "mlruns")
 
 
 def local_store_uri(folder: str | Path) -> str:
