@@ -26,6 +26,10 @@ system-deps:
 	@test -d /usr/share/datasets/fashion-mnist || { \
 	  command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "note: could not install dataset-fashion-mnist; its test will say how"; }
+	@# Debian's Chromium for the real-browser notebook test (Playwright drives it; no browser download).
+	@test -x /usr/bin/chromium || { \
+	  command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || echo "note: could not install chromium; tests/test_browser.py will fail saying so"; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

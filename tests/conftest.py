@@ -38,3 +38,85 @@ def tiny_config() -> ExperimentConfig:
         "training.local_epochs": 2, "training.batch_size": 10, "training.lr": 0.05,
         "device": "cpu",
     })
+
+
+@pytest.fixture(autouse=True)
+def _local_run_state(tmp_path, monkeypatch):
+    """Runs keep their local state (checkpoint, pending metrics) in the test's folder, not ~/.cache."""
+    monkeypatch.setenv("WORKBENCH_STATE_DIR", str(tmp_path / "run-state"))
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and an artifact root, in its own
+    process group so that stopping it stops its workers too."""
+
+    def __init__(self, folder: Path, template: Path):
+        import socket
+
+        self.folder = folder
+        shutil.copy(template, folder / "mlflow.db")  # already migrated: starts seconds sooner
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        mlflow = Path(sys.executable).parent / "mlflow"
+        log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer in {timeout_s} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        try:  # workers that outlived the main process
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, _template_store):
+    """One real tracking server per test session (it takes ~20 s to start); tests may stop and restart it."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), _template_store)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fast_http_failures(monkeypatch):
+    """A lost server fails an MLflow call at once instead of after minutes of retries."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

@@ -1,19 +1,37 @@
+"""One conformance suite over every partitioner, the properties of each skew, the statistics, and the
+partition as a run, the command line and MLflow see it."""
+
+import json
+import math
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
 
-from workbench.config import PartitionConfig
-from workbench.partition import count_matrix, label_skew, partition, summarize
+from workbench.cli import main
+from workbench.config import PARTITION_SCHEMES, ExperimentConfig, PartitionConfig
+from workbench.partition import (apply_feature_skew, count_matrix, describe, gini, knobs_in_use, label_skew,
+                                 partition, partition_hash, rotate_images, stats_from_counts, summarize)
+from workbench.simulation import prepare, run
+from workbench.tracking import MlflowCallback, load_partition
 
-SCHEMES = ["iid", "dirichlet", "shards"]
+SCHEMES = [s for s in PARTITION_SCHEMES if s != "natural"]
+#: Schemes that may refuse only when num_clients * min_size > num_samples: they must succeed otherwise.
+ALWAYS_FEASIBLE = {"iid", "dirichlet", "quantity", "feature_noise", "rotation"}
 
 
 def labels_of(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, num_classes, num_samples)
 
 
-@settings(max_examples=60, deadline=None)
+def config_of(scheme: str, **knobs) -> PartitionConfig:
+    return PartitionConfig(scheme=scheme, **knobs)
+
+
+@settings(max_examples=120, deadline=None)
 @given(
     scheme=st.sampled_from(SCHEMES),
     num_samples=st.integers(20, 3000),
@@ -21,62 +39,118 @@ def labels_of(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
     num_classes=st.integers(1, 12),
     alpha=st.floats(0.001, 100.0),
     shards=st.integers(1, 4),
+    k=st.integers(1, 5),
+    quantity=st.sampled_from(["dirichlet", "lognormal"]),
+    quantity_alpha=st.floats(0.01, 10.0),
+    quantity_sigma=st.floats(0.0, 4.0),
+    iid_fraction=st.floats(0.0, 1.0),
+    mixture_skew=st.sampled_from(["dirichlet", "shards", "classes_per_client", "quantity"]),
     min_size=st.integers(1, 5),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_exact_cover_determinism_and_min_size(scheme, num_samples, num_clients, num_classes, alpha, shards,
-                                              min_size, seed):
+def test_every_scheme_covers_exactly_once_is_deterministic_and_honours_min_size(
+        scheme, num_samples, num_clients, num_classes, alpha, shards, k, quantity, quantity_alpha,
+        quantity_sigma, iid_fraction, mixture_skew, min_size, seed):
     labels = labels_of(num_samples, num_classes, seed)
-    config = PartitionConfig(scheme=scheme, alpha=alpha, shards_per_client=shards, min_size=min_size)
+    config = config_of(scheme, alpha=alpha, shards_per_client=shards, classes_per_client=k,
+                       quantity_distribution=quantity, quantity_alpha=quantity_alpha, quantity_sigma=quantity_sigma,
+                       iid_fraction=iid_fraction, mixture_skew=mixture_skew, min_size=min_size)
     try:
         parts = partition(labels, num_clients, config, np.random.default_rng(seed))
-    except ValueError as err:  # infeasible settings must be rejected, naming a field
-        assert "partition." in str(err) or "federation.num_clients" in str(err)
-        assert num_clients * min_size > num_samples or num_clients * shards > num_samples or scheme == "shards"
+    except ValueError as err:  # an infeasible request: refused with the field named and a fix
+        message = str(err)
+        assert "partition." in message or "federation.num_clients" in message
+        assert "(" in message and ")" in message  # the fix
+        if scheme in ALWAYS_FEASIBLE:
+            assert num_clients * min_size > num_samples, message
         return
     assert len(parts) == num_clients
-    joined = np.concatenate(parts)
-    assert np.array_equal(np.sort(joined), np.arange(num_samples))  # every sample exactly once
-    assert min(len(p) for p in parts) >= min_size  # no empty client
+    assert all(p.dtype.kind == "i" and np.all(np.diff(p) > 0) for p in parts)  # sorted, no repeats
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(num_samples))  # every sample once
+    assert min(len(p) for p in parts) >= min_size
     again = partition(labels, num_clients, config, np.random.default_rng(seed))
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))  # same seed, same partition
+    assert partition_hash(parts) == partition_hash(again)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_infeasible_settings_are_rejected_with_a_fix(scheme):
-    labels = labels_of(50, 5, 0)
-    with pytest.raises(ValueError, match="federation.num_clients=60") as info:
-        partition(labels, 60, PartitionConfig(scheme=scheme), np.random.default_rng(0))
-    assert "use at most 50 clients" in str(info.value)
-    with pytest.raises(ValueError, match="partition.min_size=6"):
-        partition(labels, 10, PartitionConfig(scheme=scheme, min_size=6), np.random.default_rng(0))
+@settings(max_examples=60, deadline=None)
+@given(num_classes=st.integers(1, 12), k=st.integers(1, 12), num_clients=st.integers(1, 80),
+       per_class=st.integers(1, 200), seed=st.integers(0, 2**32 - 1))
+def test_classes_per_client_gives_every_client_exactly_k_classes(num_classes, k, num_clients, per_class, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), per_class + rng.integers(0, 5, num_classes)))
+    config = config_of("classes_per_client", classes_per_client=k)
+    feasible_by_margin = k <= num_classes and num_clients * k >= num_classes and per_class >= num_clients
+    try:
+        parts = partition(labels, num_clients, config, np.random.default_rng(seed))
+    except ValueError as err:
+        assert "partition.classes_per_client" in str(err) or "federation.num_clients" in str(err)
+        assert not feasible_by_margin, str(err)
+        return
+    counts = count_matrix(labels, parts, num_classes)
+    assert np.all((counts > 0).sum(axis=1) == k)
+    assert np.all(counts.sum(axis=0) == np.bincount(labels, minlength=num_classes))
 
 
-def test_natural_needs_a_dataset_with_clients():
-    with pytest.raises(ValueError, match="partition.scheme='natural' needs a dataset with real clients"):
-        partition(labels_of(100, 3, 0), 5, PartitionConfig(scheme="natural"), np.random.default_rng(0))
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_clients=st.integers(10, 100))
+def test_mean_heterogeneity_decreases_as_alpha_grows(seed, num_clients):
+    labels = labels_of(20_000, 10, seed)
+    summaries = [summarize(labels, partition(labels, num_clients, config_of("dirichlet", alpha=alpha),
+                                             np.random.default_rng(seed)), 10)
+                 for alpha in (0.01, 0.1, 1.0, 10.0, 1000.0)]
+    for metric in ("label_tv_mean", "label_js_mean", "label_emd_mean", "classes_missing_mean"):
+        values = [s[metric] for s in summaries]
+        assert values == sorted(values, reverse=True), (metric, values)
+    effective = [s["effective_classes_mean"] for s in summaries]
+    assert effective == sorted(effective)
+    assert summaries[0]["label_tv_mean"] > 0.8 and summaries[-1]["label_tv_mean"] < 0.1
 
 
 def test_tiny_alpha_many_clients_terminates_with_no_empty_client():
     labels = labels_of(10_000, 10, 1)
-    parts = partition(labels, 1000, PartitionConfig(scheme="dirichlet", alpha=1e-3, min_size=5),
-                      np.random.default_rng(0))
+    parts = partition(labels, 1000, config_of("dirichlet", alpha=1e-3, min_size=5), np.random.default_rng(0))
     assert min(len(p) for p in parts) >= 5
+    # Almost every class went to one client; the repair gave the empty ones exactly what they lacked.
+    assert sum(len(p) == 5 for p in parts) >= 900
 
 
-def test_smaller_alpha_means_more_label_skew():
-    labels = labels_of(20_000, 10, 2)
-    skews = []
-    for alpha in (0.05, 0.5, 5.0, 500.0):
-        parts = partition(labels, 50, PartitionConfig(scheme="dirichlet", alpha=alpha), np.random.default_rng(3))
-        skews.append(label_skew(count_matrix(labels, parts, 10)).mean())
-    assert skews == sorted(skews, reverse=True)
-    assert skews[0] > 0.6 and skews[-1] < 0.1
+def test_dirichlet_min_size_is_met_even_when_it_takes_every_spare_sample():
+    labels = labels_of(1000, 4, 2)
+    parts = partition(labels, 100, config_of("dirichlet", alpha=0.01, min_size=10), np.random.default_rng(0))
+    assert {len(p) for p in parts} == {10}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_more_clients_than_samples_is_refused_with_a_fix(scheme):
+    labels = labels_of(50, 5, 0)
+    with pytest.raises(ValueError, match="federation.num_clients=60") as info:
+        partition(labels, 60, config_of(scheme), np.random.default_rng(0))
+    assert "use at most 50 clients" in str(info.value)
+    with pytest.raises(ValueError, match="partition.min_size=6"):
+        partition(labels, 10, config_of(scheme, min_size=6), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"classes_per_client": 6}, r"partition.classes_per_client=6 is more than the 5 classes .*use classes_per_client <= 5"),
+    ({"classes_per_client": 1}, r"cannot hold all 5 classes.*\(use classes_per_client >= 2 or at least 5 clients\)"),
+    ({"classes_per_client": 2, "min_size": 33}, r"partition.min_size=33 cannot be met with partition.classes_per_client=2"),
+])
+def test_classes_per_client_infeasible_requests_name_the_field(knobs, message):
+    labels = np.repeat(np.arange(5), 20)
+    with pytest.raises(ValueError, match=message):
+        partition(labels, 3, config_of("classes_per_client", **knobs), np.random.default_rng(0))
+
+
+def test_classes_per_client_refuses_a_class_too_small_for_its_clients():
+    labels = np.array([0] * 100 + [1] * 100 + [2] * 2)  # class 2 cannot be shared by many clients
+    with pytest.raises(ValueError, match=r"class 2 has 2 samples but \d+ clients hold it"):
+        partition(labels, 40, config_of("classes_per_client", classes_per_client=3), np.random.default_rng(0))
 
 
 def test_shards_give_each_client_few_labels():
     labels = np.repeat(np.arange(10), 600)  # MNIST-like: sorted classes, equal sizes
-    parts = partition(labels, 100, PartitionConfig(scheme="shards", shards_per_client=2), np.random.default_rng(0))
+    parts = partition(labels, 100, config_of("shards", shards_per_client=2), np.random.default_rng(0))
     counts = count_matrix(labels, parts, 10)
     assert (counts > 0).sum(axis=1).max() <= 2
     assert set(counts.sum(axis=1)) == {60}
@@ -84,6 +158,207 @@ def test_shards_give_each_client_few_labels():
 
 def test_iid_is_balanced_and_unskewed():
     labels = labels_of(10_000, 10, 4)
-    parts = partition(labels, 10, PartitionConfig(scheme="iid"), np.random.default_rng(0))
+    parts = partition(labels, 10, config_of("iid"), np.random.default_rng(0))
     assert {len(p) for p in parts} == {1000}
     assert summarize(labels, parts, 10)["label_tv_mean"] < 0.05
+
+
+def test_quantity_skew_makes_sizes_unequal_but_keeps_labels_iid():
+    labels = labels_of(50_000, 10, 5)
+    gentle, harsh = (partition(labels, 50, config_of("quantity", quantity_alpha=a, min_size=20),
+                               np.random.default_rng(1)) for a in (100.0, 0.1))
+    assert gini([len(p) for p in harsh]) > 0.6 > 0.1 > gini([len(p) for p in gentle])
+    assert min(len(p) for p in harsh) >= 20
+    big = [p for p in harsh if len(p) >= 2000]
+    assert big and label_skew(count_matrix(labels, big, 10)).max() < 0.05  # labels stay IID
+    equal = partition(labels, 50, config_of("quantity", quantity_distribution="lognormal", quantity_sigma=0.0),
+                      np.random.default_rng(1))
+    assert {len(p) for p in equal} == {1000}
+    spread = partition(labels, 50, config_of("quantity", quantity_distribution="lognormal", quantity_sigma=2.0),
+                       np.random.default_rng(1))
+    assert gini([len(p) for p in spread]) > 0.5
+
+
+def test_mixture_puts_iid_clients_first_beside_skewed_ones():
+    labels = labels_of(30_000, 10, 6)
+    config = config_of("mixture", iid_fraction=0.3, mixture_skew="classes_per_client", classes_per_client=2)
+    parts = partition(labels, 40, config, np.random.default_rng(2))
+    counts = count_matrix(labels, parts, 10)
+    assert np.all((counts[:12] > 0).sum(axis=1) == 10) and label_skew(counts[:12]).max() < 0.1
+    assert np.all((counts[12:] > 0).sum(axis=1) == 2)
+    assert abs(sum(len(p) for p in parts[:12]) - 0.3 * 30_000) <= 1
+    all_iid = partition(labels, 40, config.__class__(scheme="mixture", iid_fraction=1.0), np.random.default_rng(2))
+    assert label_skew(count_matrix(labels, all_iid, 10)).max() < 0.1
+
+
+def test_mixture_errors_say_which_part_failed():
+    labels = labels_of(100, 10, 0)
+    with pytest.raises(ValueError, match=r"partition.scheme='mixture' with partition.iid_fraction=0.5 leaves 5 "
+                                         r"shards clients .*partition.shards_per_client=20"):
+        partition(labels, 10, config_of("mixture", mixture_skew="shards", shards_per_client=20),
+                  np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("scheme", ["feature_noise", "rotation"])
+def test_feature_skew_leaves_labels_iid_and_the_partition_that_of_iid(scheme):
+    labels = labels_of(5000, 10, 7)
+    parts = partition(labels, 25, config_of(scheme), np.random.default_rng(3))
+    iid = partition(labels, 25, config_of("iid"), np.random.default_rng(3))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, iid))
+    assert summarize(labels, parts, 10)["label_tv_mean"] < 0.1
+
+
+def test_feature_noise_grows_with_the_client_index_and_leaves_its_input_alone():
+    x = torch.zeros(4000, 3, 4, 4)
+    parts = partition(labels_of(4000, 10, 0), 4, config_of("iid"), np.random.default_rng(0))
+    config = config_of("feature_noise", noise_sigma=2.0)
+    noisy = apply_feature_skew(x, parts, config, np.random.default_rng(1))
+    assert torch.count_nonzero(x) == 0  # input untouched
+    for i, part in enumerate(parts):  # client i of N: std = sigma * i / N
+        assert float(noisy[part].std()) == pytest.approx(2.0 * i / 4, abs=0.03)
+    again = apply_feature_skew(x, parts, config, np.random.default_rng(1))
+    assert torch.equal(noisy, again)
+
+
+def test_rotation_turns_client_i_by_its_angle_and_refuses_vectors():
+    image = torch.arange(2 * 6 * 6, dtype=torch.float32).view(1, 2, 6, 6)
+    x = image.repeat(4, 1, 1, 1)
+    parts = [np.array([0]), np.array([1]), np.array([2]), np.array([3])]
+    rotated = apply_feature_skew(x, parts, config_of("rotation", max_rotation=360.0), np.random.default_rng(0))
+    assert torch.equal(x, image.repeat(4, 1, 1, 1))  # input untouched
+    assert torch.equal(rotated[0], image[0])  # client 0: no rotation
+    for i in (1, 2, 3):  # 90, 180, 270 degrees counter-clockwise
+        assert torch.allclose(rotated[i], torch.rot90(image[0], i, dims=(-2, -1)), atol=1e-4)
+    assert torch.allclose(rotate_images(image, torch.tensor([45.0])).sum(), image.sum(), rtol=0.5)
+    with pytest.raises(ValueError, match=r"partition.scheme='rotation' rotates images .* shape \(60,\) "
+                                         r"\(use partition.scheme=feature_noise"):
+        apply_feature_skew(torch.zeros(10, 60), [np.arange(10)], config_of("rotation"), np.random.default_rng(0))
+
+
+def test_statistics_of_known_partitions():
+    disjoint = np.diag([50, 50])  # two clients, one class each
+    stats = stats_from_counts(disjoint)
+    assert np.allclose(stats.tv, 0.5)
+    # Reference values computed by hand: p = (1, 0), q = (1/2, 1/2), m = (3/4, 1/4).
+    js = 0.5 * (1 * math.log2(1 / 0.75)) + 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25))
+    assert np.allclose(stats.js, js) and np.allclose(stats.emd, 1.0)
+    assert np.allclose(stats.effective_classes, 1.0) and np.all(stats.missing_classes == 1)
+    iid = stats_from_counts(np.full((4, 5), 7))
+    assert np.allclose(iid.tv, 0) and np.allclose(iid.js, 0) and np.allclose(iid.effective_classes, 5)
+    assert gini([3, 3, 3]) == pytest.approx(0.0) and gini([0, 0, 0, 8]) == pytest.approx(0.75)
+    summary = stats.summary()
+    assert summary["classes_missing_mean"] == 1 and summary["size_gini"] == pytest.approx(0.0)
+    assert summary["label_emd_max"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"labels must lie in 0..5 for num_classes=6, got 0..6"):
+        count_matrix(np.array([0, 6]), [np.array([0, 1])], 6)  # would spill into the next client's row
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_samples=st.integers(1, 500), num_clients=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_count_matrix_and_statistics_agree_with_a_direct_count(num_samples, num_clients, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 6, num_samples)
+    owner = rng.integers(0, num_clients, num_samples)
+    parts = [np.flatnonzero(owner == k) for k in range(num_clients)]
+    counts = count_matrix(labels, parts, 6)
+    direct = np.array([[np.sum(labels[p] == c) for c in range(6)] for p in parts])
+    assert np.array_equal(counts, direct)
+    stats = describe(labels, parts, 6)
+    overall = np.bincount(labels, minlength=6) / num_samples
+    for k, p in enumerate(parts):
+        if len(p):
+            local = np.bincount(labels[p], minlength=6) / len(p)
+            assert stats.tv[k] == pytest.approx(0.5 * np.abs(local - overall).sum())
+            assert 0 <= stats.js[k] <= 1
+
+
+def test_partition_hash_changes_when_one_sample_moves():
+    parts = [np.array([0, 2, 4]), np.array([1, 3])]
+    moved = [np.array([0, 2]), np.array([1, 3, 4])]
+    assert partition_hash(parts) != partition_hash(moved)
+    assert partition_hash(parts) == partition_hash([p.astype(np.int32) for p in parts])
+    assert len(partition_hash(parts)) == 64
+
+
+def test_knobs_in_use_follow_the_scheme():
+    assert knobs_in_use(config_of("dirichlet")) == {"partition.alpha", "partition.min_size"}
+    assert "partition.quantity_sigma" in knobs_in_use(config_of("quantity", quantity_distribution="lognormal"))
+    mixed = knobs_in_use(config_of("mixture", mixture_skew="shards"))
+    assert {"partition.iid_fraction", "partition.mixture_skew", "partition.shards_per_client"} <= mixed
+
+
+def test_natural_needs_a_dataset_with_clients():
+    with pytest.raises(ValueError, match="partition.scheme='natural' needs a dataset with real clients"):
+        partition(labels_of(100, 3, 0), 5, config_of("natural"), np.random.default_rng(0))
+
+
+# ----- the partition as a run, the command line and MLflow see it -----
+
+
+def test_a_run_trains_on_feature_skewed_inputs_and_tests_on_clean_ones(tiny_config):
+    base = tiny_config.with_overrides({"data.name": "digits", "federation.num_clients": 10,
+                                       "federation.clients_per_round": 3})
+    iid = prepare(base.with_overrides({"partition.scheme": "iid"}))
+    noisy = prepare(base.with_overrides({"partition.scheme": "feature_noise", "partition.noise_sigma": 1.0}))
+    assert all(np.array_equal(a, b) for a, b in zip(iid.clients, noisy.clients))
+    assert torch.equal(iid.dataset.x_test, noisy.dataset.x_test)
+    first, last = noisy.clients[0], noisy.clients[-1]
+    assert torch.equal(iid.dataset.x_train[first], noisy.dataset.x_train[first])
+    assert float((noisy.dataset.x_train[last] - iid.dataset.x_train[last]).std()) == pytest.approx(0.9, abs=0.05)
+    with pytest.raises(ValueError, match="partition.scheme='rotation' rotates images"):
+        prepare(tiny_config.with_overrides({"partition.scheme": "rotation"}))
+
+
+def test_runs_record_their_partition_in_mlflow(tiny_config, tracking_uri):
+    config = tiny_config.with_overrides({"partition.scheme": "dirichlet", "partition.alpha": 0.2,
+                                         "federation.rounds": 1})
+    trackers = [MlflowCallback(tracking_uri, experiment="p") for _ in range(2)]
+    federations = [prepare(config), prepare(config.with_overrides({"strategy.name": "fedprox"}))]
+    for tracker, federation in zip(trackers, federations):
+        run(federation, [tracker])
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(trackers[0].run_id)
+    digest = partition_hash(federations[0].clients)
+    assert logged.data.tags["partition_hash"] == digest
+    assert logged.data.metrics["partition_label_js_mean"] == pytest.approx(federations[0].partition_stats["label_js_mean"])
+    artifacts = {a.path for a in client.list_artifacts(trackers[0].run_id, "partition")}
+    assert artifacts == {"partition/summary.json", "partition/counts.csv", "partition/clients.npz",
+                         "partition/heatmap.png"}
+    restored = load_partition(trackers[0].run_id, tracking_uri)
+    assert all(np.array_equal(a, b) for a, b in zip(restored, federations[0].clients))
+    folder = client.download_artifacts(trackers[0].run_id, "partition")
+    summary = json.loads(open(f"{folder}/summary.json").read())
+    assert summary["partition_hash"] == digest and summary["scheme"] == "dirichlet"
+    rows = np.loadtxt(f"{folder}/counts.csv", delimiter=",", skiprows=1, dtype=int)
+    labels = federations[0].dataset.y_train.cpu().numpy()
+    assert np.array_equal(rows[:, 1:-1], count_matrix(labels, federations[0].clients, 10))
+    # Runs that differ only in the algorithm share the partition, and the hash finds them.
+    found = client.search_runs([logged.info.experiment_id], f"tags.partition_hash = '{digest}'")
+    assert {r.info.run_id for r in found} == {t.run_id for t in trackers}
+
+
+def test_cli_partition_prints_statistics_and_writes_figures(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["partition", "--set", "data.name=digits", "--set", "partition.scheme=classes_per_client",
+                 "--set", "partition.classes_per_client=3", "--set", "federation.num_clients=12",
+                 "--set", "federation.clients_per_round=4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "classes_per_client_mean" in printed and "label_js_mean" in printed and "partition_hash" in printed
+    line = next(l for l in printed.splitlines() if l.startswith("classes_per_client_mean"))
+    assert line.split()[1] == "3"
+    for name in ("overview.png", "heatmap.png", "label_bars.png", "sizes.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    config = ExperimentConfig().with_overrides({"data.name": "digits", "partition.scheme": "classes_per_client",
+                                                "partition.classes_per_client": 3, "federation.num_clients": 12,
+                                                "federation.clients_per_round": 4, "device": "cpu"})
+    assert summary["partition_hash"] == partition_hash(prepare(config).clients)  # what a run trains on
+
+
+def test_cli_partition_refuses_infeasible_settings_in_one_line(tmp_path, capsys):
+    code = main(["partition", "--set", "data.name=digits", "--set", "partition.scheme=classes_per_client",
+                 "--set", "partition.classes_per_client=11", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("workbench: error: partition.classes_per_client=11 is more than the 10 classes")

@@ -32,7 +32,7 @@ def test_artifacts_live_beside_the_database(tiny_config, tracking_uri, tmp_path)
     tracker = MlflowCallback(tracking_uri, experiment="beside")
     run(tiny_config.with_overrides({"federation.rounds": 1}), [tracker])
     files = list((tmp_path / "mlruns" / "artifacts").rglob("weights.safetensors"))
-    assert len(files) == 1
+    assert sorted(f.parent.name for f in files) == ["best", "model", "round_0001"]
 
 
 def test_failed_run_ends_failed_and_keeps_its_rounds(tiny_config, tracking_uri):
@@ -88,3 +88,51 @@ def test_default_store_is_found_from_a_subfolder(tmp_path, monkeypatch):
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert default_tracking_uri() == "http://127.0.0.1:1"
+
+
+def test_round_record_checkpoints_and_client_table(tiny_config, tracking_uri, tmp_path):
+    import csv
+
+    from workbench.tracking import CLIENT_TABLE, checkpoint_rounds
+
+    config = tiny_config.with_overrides({"federation.rounds": 5, "checkpoint.every": 2,
+                                         "federation.straggler_fraction": 0.5, "strategy.name": "fedprox"})
+    states = {}
+
+    class Snapshot(Callback):
+        def on_round_end(self, result, federation):
+            states[result.round] = {k: v.clone() for k, v in federation.model.state_dict().items()}
+
+    tracker = MlflowCallback(tracking_uri, experiment="record")
+    history = run(config, [tracker, Snapshot()])
+    client = MlflowClient(tracking_uri)
+    for key in ("client_accuracy_min", "client_accuracy_p10", "client_accuracy_median", "update_norm_mean",
+                "client_drift_mean", "client_drift_min", "bytes_up", "bytes_down", "round_time_s"):
+        assert [m.step for m in client.get_metric_history(tracker.run_id, key)] == [1, 2, 3, 4, 5], key
+    # logistic regression 60 -> 10 in float32: 610 numbers of 4 bytes; 4 sampled, all kept by FedProx
+    assert history.metric("bytes_down")[0][1] == 4 * 610 * 4 == history.metric("bytes_up")[0][1]
+    assert all(-1 <= v <= 1 for _, v in history.metric("client_drift_min"))
+    # checkpoints every 2 rounds, plus the last; the best by test accuracy
+    assert checkpoint_rounds(client, tracker.run_id) == [2, 4, 5]
+    for round_ in (2, 4, 5):
+        model = load_model(tracker.run_id, tracking_uri, round=round_)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in states[round_].items())
+    best_round = max(history.metric("test_accuracy"), key=lambda p: p[1])[0]
+    assert client.get_run(tracker.run_id).data.tags["best_round"] == str(best_round)
+    best = load_model(tracker.run_id, tracking_uri, round="best")
+    assert all(torch.equal(best.state_dict()[k], v) for k, v in states[best_round].items())
+    with pytest.raises(ValueError, match=r"round=3 has no checkpoint .* \[2, 4, 5\]"):
+        load_model(tracker.run_id, tracking_uri, round=3)
+    # one bounded table: a row per round and client that trained or was evaluated, nothing else
+    rows = list(csv.DictReader(open(client.download_artifacts(tracker.run_id, CLIENT_TABLE, str(tmp_path)))))
+    assert len(rows) <= 5 * config.federation.num_clients
+    for result in history.rounds:
+        mine = {int(r["client"]): r for r in rows if int(r["round"]) == result.round}
+        assert {c for c, r in mine.items() if r["is_sampled"] == "1"} == set(result.sampled)
+        for client_id, values in result.client_metrics.items():
+            assert float(mine[client_id]["drift"]) == pytest.approx(values["drift"])
+            assert float(mine[client_id]["update_norm"]) == pytest.approx(values["update_norm"])
+        for client_id, accuracy in result.client_accuracy.items():
+            assert float(mine[client_id]["test_accuracy"]) == pytest.approx(accuracy)
+    metric_keys = client.get_run(tracker.run_id).data.metrics
+    assert not any(str(c) in key.split("_") for key in metric_keys for c in range(8))  # no per-client keys

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 import textwrap
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from workbench.config import ExperimentConfig, knobs, parse_override, read_config_file
+from workbench import plots
 from workbench.data import DatasetUnavailableError
-from workbench.simulation import Callback, Federation, History, RoundResult, prepare, run
-from workbench.tracking import MlflowCallback, default_tracking_uri, ui_command
+from workbench.partition import STAT_DESCRIPTIONS, describe, partition_hash
+from workbench.simulation import (Callback, Federation, History, RoundResult, load_data, partition_dataset,
+                                  prepare, run)
+from workbench.tracking import (MlflowCallback, TrackingUnavailable, check_tracking_uri, compare,
+                                default_tracking_uri, format_comparison, resume, sweep, sweep_configs,
+                                ui_command)
 
 #: The main job: the FedProx paper's hardest synthetic setting, Synthetic(1, 1) with its 30 natural
 #: clients and half of each round's clients straggling, small enough to finish in minutes on 2 cores.
@@ -27,6 +39,52 @@ DEMO_METRICS = ("test_accuracy", "test_loss", "train_loss", "client_accuracy_med
 
 class UsageError(Exception):
     """A mistake in what the user typed or configured: reported in one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM or Ctrl-C: KILLED in MLflow, resumable; exit status 128 + signal."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+#: Exit status when the tracking server went away mid-run (EX_TEMPFAIL: resume once it is back).
+EXIT_TRACKING_LOST = 75
+
+
+@contextmanager
+def sigterm_sets(stop: threading.Event):
+    """SIGTERM sets `stop`, so the run ends KILLED within one client update (Ctrl-C raises
+    KeyboardInterrupt, which ends it KILLED too); only the main thread can install the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def tracked(run_id_of: Callable[[], str | None], call: Callable[[threading.Event], History]) -> History:
+    """Run `call(stop)` with SIGTERM and Ctrl-C turned into `Interrupted`, which names the resume command."""
+    stop = threading.Event()
+    try:
+        with sigterm_sets(stop):
+            history = call(stop)
+    except KeyboardInterrupt as err:
+        raise Interrupted(_stopped_message("interrupted (Ctrl-C)", run_id_of()), 130) from err
+    if history.status == "KILLED":
+        after = f" after round {history.rounds[-1].round}" if history.rounds else ""
+        raise Interrupted(_stopped_message(f"stopped (SIGTERM){after}", run_id_of()), 128 + signal.SIGTERM)
+    return history
+
+
+def _stopped_message(what: str, run_id: str | None) -> str:
+    if run_id is None:
+        return f"{what}; what was logged is kept (the interrupted run is KILLED and can be resumed)"
+    return f"{what}; MLflow run {run_id} is KILLED with its rounds kept; continue it with: workbench resume {run_id}"
 
 
 def keys_help() -> str:
@@ -58,6 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="demo settings: " + " ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_experiment_options(demo)
+    part = commands.add_parser(
+        "partition", help="split the data among clients as a run would, print its statistics and write its "
+        "figures (no training)", epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    part.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
+    part.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                      help="override one config key (repeatable), e.g. --set partition.scheme=dirichlet")
+    part.add_argument("--out", metavar="DIR", default="partition-report",
+                      help="folder for the figures, counts.csv and summary.json (default: %(default)s)")
+    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)"
+    resume_ = commands.add_parser(
+        "resume", help="continue a crashed, killed or stopped run from its latest checkpoint (same MLflow run)")
+    resume_.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id to continue")
+    resume_.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    resume_.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep_ = commands.add_parser(
+        "sweep", help="run a grid of configs x seeds as one parent MLflow run with a child run each",
+        epilog="example: workbench sweep --grid strategy.name=fedavg,fedprox --grid training.lr=0.01,0.1 "
+               "--seeds 0,1,2\n\n" + keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_experiment_options(sweep_)
+    sweep_.add_argument("--grid", metavar="KEY=V1,V2", action="append", default=[],
+                        help="a config key and its values (repeatable: the grid is their product)")
+    sweep_.add_argument("--seeds", metavar="S1,S2", default="0", help="seeds of every grid point (default: 0)")
+    sweep_.add_argument("--output", metavar="FILE", help="where to save the comparison figure (.png, .pdf, .svg)")
+    compare_ = commands.add_parser(
+        "compare", help="compare an experiment's finished runs, grouped by the config keys they vary")
+    compare_.add_argument("--experiment", metavar="NAME", required=True, help="MLflow experiment name")
+    compare_.add_argument("--metric", default="test_accuracy", help="metric to compare (default: %(default)s)")
+    compare_.add_argument("--target", type=float, metavar="VALUE",
+                          help="report rounds to reach this value (default: the weakest group's final mean)")
+    compare_.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the children of this sweep")
+    compare_.add_argument("--output", metavar="FILE", help="where to save the figure (default: compare-NAME.png)")
+    compare_.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     return parser
 
 
@@ -76,23 +166,34 @@ def load_config(path: str | None, overrides: Sequence[str], base: dict | None = 
 def run_experiment(config: ExperimentConfig, tracking_uri: str | None, experiment: str, quiet: bool,
                    label: str = "") -> tuple[str, dict[str, float]]:
     """Prepare (all user errors surface here, before any MLflow run exists), then run with tracking."""
+    tracking_uri = tracking_uri or default_tracking_uri()
     try:
+        check_tracking_uri(tracking_uri)
         federation = prepare(config)
-    except (ValueError, TypeError, DatasetUnavailableError) as err:
+    except (ValueError, TypeError, DatasetUnavailableError, TrackingUnavailable) as err:
         raise UsageError(str(err)) from err
     tracker = MlflowCallback(tracking_uri, experiment=experiment)
     callbacks = [tracker] if quiet else [tracker, ProgressBar(label)]
-    history = run(federation, callbacks)
+    history = tracked(lambda: tracker.run_id, lambda stop: run(federation, callbacks, stop=stop))
     return tracker.run_id, history.final()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow draws a progress bar for every artifact download, even of a few kB; a command line reports
+    # its own progress (set the variable to true to see them).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return COMMANDS[args.command](args)
     except UsageError as err:
         print(f"workbench: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return err.exit_status
+    except TrackingUnavailable as err:
+        print(f"workbench: error: {err}", file=sys.stderr)
+        return EXIT_TRACKING_LOST
     except KeyboardInterrupt:
         print("workbench: interrupted; the MLflow run is marked KILLED with its rounds kept", file=sys.stderr)
         return 130
@@ -127,7 +228,137 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "demo": command_demo}
+def command_partition(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    try:
+        dataset = load_data(config)
+        dataset, clients = partition_dataset(config, dataset)
+    except (ValueError, TypeError, DatasetUnavailableError) as err:
+        raise UsageError(str(err)) from err
+    stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes)
+    digest = partition_hash(clients)
+    print(f"{dataset.name}, partition.scheme={config.partition.scheme}, {len(clients)} clients, seed {config.seed}")
+    print(f"partition_hash {digest}")
+    print(format_stats(stats.summary()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"overview.png": plots.partition_overview(stats.counts, title=config.partition.scheme),
+               "heatmap.png": plots.partition_heatmap(stats.counts),
+               "label_bars.png": plots.client_label_bars(stats.counts),
+               "sizes.png": plots.client_size_histogram(stats.sizes)}
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=100)
+    (out / "summary.json").write_text(json.dumps({"partition_hash": digest, **stats.summary()}, indent=2))
+    header = ",".join(["client", *(f"class_{c}" for c in range(dataset.num_classes)), "size"])
+    rows = np.column_stack([np.arange(len(clients)), stats.counts, stats.sizes])
+    np.savetxt(out / "counts.csv", rows, fmt="%d", delimiter=",", header=header, comments="")
+    print(f"\nwrote {', '.join([*figures, 'counts.csv', 'summary.json'])} to {out}/")
+    return 0
+
+
+def format_stats(summary: dict[str, float]) -> str:
+    """The partition statistics as an aligned table: name, value, meaning."""
+    rows = [f"{'statistic':26s}{'value':>12s}  meaning"]
+    for key, value in summary.items():
+        shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.4f}"
+        rows.append(f"{key:26s}{shown:>12s}  {STAT_DESCRIPTIONS.get(key, '')}")
+    return "\n".join(rows)
+
+
+def command_resume(args: argparse.Namespace) -> int:
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(tracking_uri)
+    except TrackingUnavailable as err:
+        raise UsageError(str(err)) from err
+    callbacks = [] if args.quiet else [ProgressBar(f"resume {args.run_id[:8]}")]
+
+    def call(stop: threading.Event) -> History:
+        try:
+            return resume(args.run_id, tracking_uri, callbacks, stop=stop)
+        except (ValueError, TypeError, DatasetUnavailableError) as err:
+            raise UsageError(str(err)) from err
+
+    history = tracked(lambda: args.run_id, call)
+    final = history.final()
+    print(f"MLflow run id: {args.run_id} (resumed, {history.status})")
+    for key in DEMO_METRICS:
+        if key in final:
+            print(f"  {key:24s} {final[key]:.4f}")
+    return 0
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """`KEY=v1,v2` arguments as {key: [v1, v2]} (values are validated with the config)."""
+    grid = {}
+    for text in items:
+        key, values = parse_override(text)
+        if key in grid:
+            raise ValueError(f"--grid {key} given twice (list all its values once: --grid {key}=v1,v2)")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r} (for example --seeds 0,1,2)") from None
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be distinct integers >= 0, got {text!r} (for example --seeds 0,1,2)")
+    return seeds
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    base = load_config(args.config, args.overrides)
+    experiment = args.experiment or "sweep"
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    try:
+        grid, seeds = parse_grid(args.grid), parse_seeds(args.seeds)
+        points = sweep_configs(base, grid, seeds)  # every point validated before anything runs
+        check_tracking_uri(tracking_uri)
+    except (ValueError, TypeError, TrackingUnavailable) as err:
+        raise UsageError(str(err)) from err
+    print(f"sweep: {len(points)} runs ({len(points) // len(seeds)} grid points x {len(seeds)} seeds) "
+          f"in MLflow experiment {experiment!r}")
+    progress = None if args.quiet else (lambda label: [ProgressBar(label)])
+    outcome: dict = {}
+
+    def call(stop: threading.Event) -> History:
+        try:
+            outcome["sweep"] = sweep(base, grid, seeds, tracking_uri, experiment, callbacks=progress, stop=stop)
+        except (ValueError, TypeError, DatasetUnavailableError) as err:
+            raise UsageError(str(err)) from err
+        return History(status="KILLED" if stop.is_set() else "FINISHED")
+
+    tracked(lambda: outcome["sweep"].child_run_ids[-1] if "sweep" in outcome else None, call)
+    result = outcome["sweep"]
+    comparison = compare(experiment, tracking_uri, sweep_id=result.parent_run_id)
+    print(f"\nparent run id: {result.parent_run_id} ({len(result.child_run_ids)} child runs)")
+    print(format_comparison(comparison))
+    output = Path(args.output or f"sweep-{result.parent_run_id[:8]}.png")
+    comparison.figure.savefig(output, dpi=100)
+    print(f"\nfigure: {output}\nOpen the runs in the MLflow UI (children are nested under the parent run):\n"
+          f"  {ui_command(tracking_uri)}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(tracking_uri)
+        comparison = compare(args.experiment, tracking_uri, args.metric, sweep_id=args.sweep, target=args.target)
+    except (ValueError, TrackingUnavailable) as err:
+        raise UsageError(str(err)) from err
+    print(format_comparison(comparison))
+    output = Path(args.output or f"compare-{args.experiment}.png")
+    comparison.figure.savefig(output, dpi=100)
+    print(f"\nfigure: {output}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "demo": command_demo, "partition": command_partition,
+            "resume": command_resume, "sweep": command_sweep, "compare": command_compare}
 
 
 def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) -> str:

@@ -11,10 +11,14 @@ from typing import Any, Mapping, Sequence
 
 DATASETS = ("synthetic", "synthetic_iid", "digits", "mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("logreg", "mlp", "cnn")
-PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "natural")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "classes_per_client", "quantity", "feature_noise",
+                     "rotation", "natural", "mixture")
+#: Schemes that may form the skewed part of `mixture`.
+MIXTURE_SKEWS = ("dirichlet", "shards", "classes_per_client", "quantity")
+QUANTITY_DISTRIBUTIONS = ("dirichlet", "lognormal")
 STRATEGIES = ("fedavg", "fedprox")
 DEVICES = ("auto", "cpu", "cuda")
-EXECUTORS = ("sequential",)
+EXECUTORS = ("auto", "sequential", "processes", "vectorized")
 
 
 def knob(
@@ -139,6 +143,23 @@ class PartitionConfig(_Section):
                                   hint="McMahan et al. use 2")
     min_size: int = knob(1, "smallest number of training samples any client may hold", min=1,
                          hint="every client needs at least one sample")
+    classes_per_client: int = knob(2, "classes_per_client: exactly k classes per client (#C=k of NIID-Bench, "
+                                   "Li et al. 2022)", min=1, hint="NIID-Bench uses 1, 2, 3")
+    quantity_distribution: str = knob("dirichlet", "quantity: how client sizes are drawn (labels stay IID): "
+                                      "Dirichlet proportions or log-normal sizes", choices=QUANTITY_DISTRIBUTIONS)
+    quantity_alpha: float = knob(0.5, "quantity (dirichlet): size proportions ~ Dir(alpha); smaller = more "
+                                 "unequal sizes", min=0.0, min_exclusive=True,
+                                 hint="smaller = more unequal sizes; NIID-Bench uses 0.5")
+    quantity_sigma: float = knob(1.0, "quantity (lognormal): sigma of log client size; larger = more unequal "
+                                 "sizes", min=0.0, max=10.0, hint="0 = equal sizes; try 0.5-2")
+    noise_sigma: float = knob(0.1, "feature_noise: client i of N adds Gaussian noise of std sigma*i/N to its "
+                              "inputs (NIID-Bench, Li et al. 2022)", min=0.0, hint="NIID-Bench uses 0.1")
+    max_rotation: float = knob(90.0, "rotation: client i of N rotates its images by max_rotation*i/N degrees",
+                               min=0.0, max=360.0, hint="degrees; try 45-180")
+    iid_fraction: float = knob(0.5, "mixture: fraction of clients (the first ones) with IID data beside "
+                               "skewed ones", min=0.0, max=1.0, hint="0 = all skewed, 1 = all IID")
+    mixture_skew: str = knob("dirichlet", "mixture: how the non-IID clients are partitioned",
+                             choices=MIXTURE_SKEWS)
 
 
 @dataclass(frozen=True)
@@ -172,16 +193,28 @@ class StrategyConfig(_Section):
 @dataclass(frozen=True)
 class ExecutionConfig(_Section):
     _prefix = "execution"
-    executor: str = knob("sequential", "how a round's clients are computed: sequential = one after another "
-                         "on one model (the reference)", choices=EXECUTORS)
-    threads: int = knob(0, "torch intra-op threads during a run (0 = torch's default)", min=0,
-                        hint="1 is often fastest for small models on few cores")
+    executor: str = knob("auto", "how a round's clients are computed: sequential = one after another on one "
+                         "model (the reference); processes = worker processes of one thread each (CPU); "
+                         "vectorized = all clients at once with stacked weights (GPU); auto = vectorized on "
+                         "a GPU, processes on a multi-core CPU, else sequential", choices=EXECUTORS)
+    threads: int = knob(0, "torch intra-op threads of the run's own process (0 = chosen by the executor)",
+                        min=0, hint="1 is often fastest for small models on few cores")
+    workers: int = knob(0, "worker processes of executor=processes (0 = one per CPU core)", min=0,
+                        hint="more workers than cores only adds contention")
 
 
 @dataclass(frozen=True)
 class EvaluationConfig(_Section):
     _prefix = "evaluation"
     every: int = knob(1, "evaluate the global model every N rounds (and always after the last)", min=1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    _prefix = "checkpoint"
+    every: int = knob(1, "log the global model to MLflow every N rounds (the last round and the best one "
+                      "by test accuracy are always kept; 0 = only those)", min=0,
+                      hint="1 = every round; raise it for big models and many rounds")
 
 
 @dataclass(frozen=True)
@@ -198,6 +231,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -282,7 +316,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 _SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "training": TrainingConfig, "strategy": StrategyConfig,
-    "execution": ExecutionConfig, "evaluation": EvaluationConfig,
+    "execution": ExecutionConfig, "evaluation": EvaluationConfig, "checkpoint": CheckpointConfig,
 }
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}

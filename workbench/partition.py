@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from workbench.config import PartitionConfig
+
+#: Schemes whose labels are IID and whose clients differ by their inputs (`apply_feature_skew`).
+FEATURE_SKEWS = ("feature_noise", "rotation")
+
+#: The `partition.*` knobs each scheme reads, besides `min_size` (which every scheme honours or checks).
+SCHEME_KNOBS = {
+    "iid": (), "natural": (), "dirichlet": ("alpha",), "shards": ("shards_per_client",),
+    "classes_per_client": ("classes_per_client",),
+    "quantity": ("quantity_distribution", "quantity_alpha", "quantity_sigma"),
+    "feature_noise": ("noise_sigma",), "rotation": ("max_rotation",),
+    "mixture": ("iid_fraction", "mixture_skew"),
+}
+
+
+def knobs_in_use(config: PartitionConfig) -> set[str]:
+    """The `partition.*` keys that change the partition for `config.scheme` (others are ignored)."""
+    names = {"min_size", *SCHEME_KNOBS[config.scheme]}
+    if config.scheme == "mixture":
+        names |= set(SCHEME_KNOBS[config.mixture_skew])
+    if "quantity_distribution" in names:
+        names.discard("quantity_sigma" if config.quantity_distribution == "dirichlet" else "quantity_alpha")
+    return {f"partition.{name}" for name in names}
 
 
 def partition(
@@ -16,7 +43,11 @@ def partition(
     rng: np.random.Generator,
     natural: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Split sample indices `0..len(labels)-1` among `num_clients` by `config.scheme`."""
+    """Split sample indices `0..len(labels)-1` among `num_clients` by `config.scheme`.
+
+    Every sample goes to exactly one client, each client's indices are sorted, and the result depends
+    only on the inputs and the state of `rng`. Infeasible settings raise `ValueError` naming the field.
+    """
     labels = np.asarray(labels)
     if config.scheme == "natural":
         if natural is None:
@@ -26,13 +57,27 @@ def partition(
             )
         return partition_natural(natural, len(labels), config.min_size)
     check_feasible(len(labels), num_clients, config.min_size)
-    if config.scheme == "iid":
+    if config.scheme in ("iid", *FEATURE_SKEWS):
         return partition_iid(len(labels), num_clients, rng)
-    if config.scheme == "dirichlet":
+    if config.scheme == "mixture":
+        return partition_mixture(labels, num_clients, config, rng)
+    return _partition_skewed(labels, num_clients, config, config.scheme, rng)
+
+
+def _partition_skewed(labels: np.ndarray, num_clients: int, config: PartitionConfig, scheme: str,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    if scheme == "dirichlet":
         return partition_dirichlet(labels, num_clients, config.alpha, rng, min_size=config.min_size)
-    if config.scheme == "shards":
+    if scheme == "shards":
         return partition_shards(labels, num_clients, config.shards_per_client, rng, min_size=config.min_size)
-    raise ValueError(f"partition.scheme {config.scheme!r} is unknown")
+    if scheme == "classes_per_client":
+        return partition_classes_per_client(labels, num_clients, config.classes_per_client, rng,
+                                            min_size=config.min_size)
+    if scheme == "quantity":
+        return partition_quantity(len(labels), num_clients, rng, distribution=config.quantity_distribution,
+                                  alpha=config.quantity_alpha, sigma=config.quantity_sigma,
+                                  min_size=config.min_size)
+    raise ValueError(f"partition.scheme {scheme!r} is unknown")
 
 
 def check_feasible(num_samples: int, num_clients: int, min_size: int) -> None:
@@ -47,28 +92,32 @@ def check_feasible(num_samples: int, num_clients: int, min_size: int) -> None:
 
 def partition_iid(num_samples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A uniform random split into clients whose sizes differ by at most one."""
-    return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_clients)]
+    owner = np.empty(num_samples, dtype=np.int64)
+    owner[rng.permutation(num_samples)] = np.repeat(np.arange(num_clients), _even_sizes(num_samples, num_clients))
+    return _groups(owner, num_clients)
 
 
 def partition_dirichlet(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, *, min_size: int = 1,
 ) -> list[np.ndarray]:
-    """Label skew: each class is split among clients by proportions ~ Dir(alpha) (Hsu et al. 2019).
+    """Label skew: each class is split among clients by proportions ~ Dir(alpha) (Hsu et al. 2019, §3).
 
     Unlike the usual resample-until-big-enough loop (which never ends for small alpha or many clients),
-    clients below `min_size` are topped up with samples taken from the largest clients: a bounded
-    repair that changes as few assignments as possible.
+    clients below `min_size` are topped up from the clients with the most to spare: one vectorized,
+    bounded repair that moves exactly the missing number of samples.
     """
-    owner = np.empty(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        shares = rng.dirichlet(np.full(num_clients, alpha))
-        if not np.isfinite(shares).all() or shares.sum() <= 0:  # underflow for tiny alpha
-            shares = np.eye(num_clients)[rng.integers(num_clients)]
-        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
-        for client, chunk in enumerate(np.split(members, cuts)):
-            owner[chunk] = client
-    _top_up(owner, num_clients, min_size, rng)
+    labels = np.asarray(labels)
+    codes, class_sizes = _class_codes(labels)
+    shares = rng.dirichlet(np.full(num_clients, alpha), size=len(class_sizes))
+    broken = ~np.isfinite(shares).all(axis=1) | (shares.sum(axis=1) <= 0)
+    if broken.any():  # underflow of every gamma draw for tiny alpha: the limit is one client per class
+        shares[broken] = 0.0
+        shares[np.flatnonzero(broken), rng.integers(num_clients, size=int(broken.sum()))] = 1.0
+    cuts = np.rint(np.cumsum(shares, axis=1) * class_sizes[:, None]).astype(np.int64)
+    cuts[:, -1] = class_sizes
+    counts = np.diff(cuts, axis=1, prepend=0)
+    owner = _owners_from_counts(counts, codes, rng)
+    owner = _repair_min_size(owner, num_clients, min_size, rng)
     return _groups(owner, num_clients)
 
 
@@ -89,11 +138,128 @@ def partition_shards(
             f"partition.min_size={min_size} cannot be met: shards of {len(labels) // num_shards} samples x "
             f"{shards_per_client} per client (lower min_size or raise shards_per_client)"
         )
+    codes, _ = _class_codes(np.asarray(labels))
     # Random order inside each label, so which samples of a class share a shard is random too.
-    order = np.lexsort((rng.random(len(labels)), labels))
-    shards = np.array_split(order, num_shards)
-    dealt = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
-    return [np.sort(np.concatenate([shards[s] for s in row])) for row in dealt]
+    order = _class_sorted_order(codes, rng)
+    shard_sizes = np.full(num_shards, len(labels) // num_shards)
+    shard_sizes[: len(labels) % num_shards] += 1
+    client_of_shard = np.empty(num_shards, dtype=np.int64)
+    client_of_shard[rng.permutation(num_shards)] = np.repeat(np.arange(num_clients), shards_per_client)
+    owner = np.empty(len(labels), dtype=np.int64)
+    owner[order] = np.repeat(client_of_shard, shard_sizes)
+    return _groups(owner, num_clients)
+
+
+def partition_classes_per_client(
+    labels: np.ndarray, num_clients: int, k: int, rng: np.random.Generator, *, min_size: int = 1,
+) -> list[np.ndarray]:
+    """#C=k of NIID-Bench (Li et al. 2022, §4.1): each client holds exactly `k` distinct classes, and each
+    class is split evenly among the clients that hold it.
+
+    NIID-Bench gives client i class i mod K plus k-1 random others, which covers every class only when
+    there are at least K clients; here the first K class slots (client-major) take the K classes in a
+    random order and every other slot is a random class the client does not hold yet, so every class is
+    covered whenever num_clients * k >= K.
+    """
+    codes, class_sizes = _class_codes(np.asarray(labels))
+    num_classes = len(class_sizes)
+    if k > num_classes:
+        raise ValueError(f"partition.classes_per_client={k} is more than the {num_classes} classes in the "
+                         f"training labels (use classes_per_client <= {num_classes})")
+    if num_clients * k < num_classes:
+        raise ValueError(
+            f"partition.classes_per_client={k} x federation.num_clients={num_clients} = {num_clients * k} "
+            f"class slots cannot hold all {num_classes} classes, so some samples would have no client "
+            f"(use classes_per_client >= {math.ceil(num_classes / num_clients)} or at least "
+            f"{math.ceil(num_classes / k)} clients)"
+        )
+    keys = rng.random((num_clients, num_classes))
+    slots = (np.arange(num_clients)[:, None] * k + np.arange(k)[None, :])
+    forced = slots < num_classes
+    keys[np.nonzero(forced)[0], rng.permutation(num_classes)[slots[forced]]] = -1.0
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    holds = np.zeros((num_classes, num_clients), dtype=bool)
+    holds[chosen, np.arange(num_clients)[:, None]] = True
+    holders = holds.sum(axis=1)
+    short = np.flatnonzero(class_sizes < holders)
+    if len(short):
+        c = short[0]
+        raise ValueError(
+            f"partition.classes_per_client={k} with federation.num_clients={num_clients}: class {c} has "
+            f"{class_sizes[c]} samples but {holders[c]} clients hold it, so some would get none of it "
+            f"(use fewer clients or a smaller classes_per_client)"
+        )
+    # Which holders of a class get the one extra sample of an uneven split is random.
+    column_order = rng.permutation(num_clients)
+    rank = np.empty_like(holds, dtype=np.int64)
+    rank[:, column_order] = np.cumsum(holds[:, column_order], axis=1) - 1
+    base, extra = np.divmod(class_sizes, np.maximum(holders, 1))
+    counts = np.where(holds, base[:, None] + (rank < extra[:, None]), 0)
+    sizes = counts.sum(axis=0)
+    if sizes.min() < min_size:
+        raise ValueError(
+            f"partition.min_size={min_size} cannot be met with partition.classes_per_client={k}: the smallest "
+            f"of {num_clients} clients gets {sizes.min()} samples (lower min_size, raise classes_per_client "
+            f"or use fewer clients)"
+        )
+    owner = _owners_from_counts(counts, codes, rng)
+    return _groups(owner, num_clients)
+
+
+def partition_quantity(
+    num_samples: int, num_clients: int, rng: np.random.Generator, *, distribution: str = "dirichlet",
+    alpha: float = 0.5, sigma: float = 1.0, min_size: int = 1,
+) -> list[np.ndarray]:
+    """Quantity skew with IID labels: client sizes from Dir(alpha) proportions (NIID-Bench, Li et al. 2022)
+    or log-normal(0, sigma) weights (as LEAF's device sizes), each client first given `min_size` samples.
+
+    NIID-Bench resamples until every client has enough; giving `min_size` first and sharing out the rest
+    by the drawn proportions (largest remainder) needs no loop and always succeeds.
+    """
+    check_feasible(num_samples, num_clients, min_size)
+    if distribution == "dirichlet":
+        weights = rng.dirichlet(np.full(num_clients, alpha))
+        if not np.isfinite(weights).all() or weights.sum() <= 0:
+            weights = np.zeros(num_clients)
+            weights[rng.integers(num_clients)] = 1.0
+    elif distribution == "lognormal":
+        weights = rng.lognormal(0.0, sigma, num_clients)
+    else:
+        raise ValueError(f"partition.quantity_distribution {distribution!r} is unknown "
+                         "(choose dirichlet or lognormal)")
+    sizes = min_size + _largest_remainder(weights / weights.sum(), num_samples - num_clients * min_size)
+    owner = np.empty(num_samples, dtype=np.int64)
+    owner[rng.permutation(num_samples)] = np.repeat(np.arange(num_clients), sizes)
+    return _groups(owner, num_clients)
+
+
+def partition_mixture(labels: np.ndarray, num_clients: int, config: PartitionConfig,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """The first round(iid_fraction * num_clients) clients get IID data, the others are split by
+    `config.mixture_skew`; each group gets a share of the samples proportional to its number of clients."""
+    labels = np.asarray(labels)
+    num_samples, min_size = len(labels), config.min_size
+    num_iid = int(round(config.iid_fraction * num_clients))
+    if num_iid == 0:
+        return _partition_skewed(labels, num_clients, config, config.mixture_skew, rng)
+    if num_iid == num_clients:
+        return partition_iid(num_samples, num_clients, rng)
+    num_skewed = num_clients - num_iid
+    iid_samples = int(round(num_samples * num_iid / num_clients))
+    iid_samples = min(max(iid_samples, num_iid * min_size), num_samples - num_skewed * min_size)
+    order = rng.permutation(num_samples)
+    rest = np.sort(order[iid_samples:])
+    try:
+        skewed = _partition_skewed(labels[rest], num_skewed, config, config.mixture_skew, rng)
+    except ValueError as err:
+        raise ValueError(
+            f"partition.scheme='mixture' with partition.iid_fraction={config.iid_fraction} leaves "
+            f"{num_skewed} {config.mixture_skew} clients on {len(rest)} samples, and: {err}"
+        ) from err
+    owner = np.empty(num_samples, dtype=np.int64)
+    owner[order[:iid_samples]] = np.repeat(np.arange(num_iid), _even_sizes(iid_samples, num_iid))
+    owner[rest[np.concatenate(skewed)]] = num_iid + np.repeat(np.arange(num_skewed), [len(p) for p in skewed])
+    return _groups(owner, num_clients)
 
 
 def partition_natural(clients: Sequence[np.ndarray], num_samples: int, min_size: int) -> list[np.ndarray]:
@@ -109,47 +275,278 @@ def partition_natural(clients: Sequence[np.ndarray], num_samples: int, min_size:
     return parts
 
 
-def count_matrix(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """Client x class sample counts."""
-    labels = np.asarray(labels)
-    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+# ----- feature skew -----
 
 
-def label_skew(counts: np.ndarray) -> np.ndarray:
-    """Each client's total-variation distance from the global label distribution (0 = IID, 1 = disjoint)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    local = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    overall = counts.sum(axis=0) / counts.sum()
-    return 0.5 * np.abs(local - overall).sum(axis=1)
+def check_feature_skew(scheme: str, input_shape: Sequence[int], dataset: str = "this dataset") -> None:
+    """Raise if `scheme` cannot transform inputs of `input_shape` (one sample's shape)."""
+    if scheme == "rotation" and len(input_shape) != 3:
+        raise ValueError(
+            f"partition.scheme='rotation' rotates images of shape (channels, height, width), but {dataset} "
+            f"has inputs of shape {tuple(input_shape)} (use partition.scheme=feature_noise for vector data, "
+            "or an image dataset: data.name=digits, fashion_mnist, mnist or cifar10)"
+        )
+
+
+def apply_feature_skew(x: torch.Tensor, clients: Sequence[np.ndarray], config: PartitionConfig,
+                       rng: np.random.Generator) -> torch.Tensor:
+    """The inputs as client i of N sees them: a new tensor, `x` is left unchanged.
+
+    feature_noise: x + N(0, (noise_sigma * i / N)^2), NIID-Bench's noise-based feature skew (Li et al.
+    2022, §4.2). rotation: images rotated by max_rotation * i / N degrees about their centre (bilinear,
+    zero fill), as in rotated-MNIST domain shifts. Other schemes return `x` itself.
+    """
+    if config.scheme not in FEATURE_SKEWS:
+        return x
+    check_feature_skew(config.scheme, tuple(x.shape[1:]))
+    level = torch.as_tensor(owner_of(clients, len(x)) / len(clients), dtype=x.dtype, device=x.device)
+    if config.scheme == "feature_noise":
+        # torch's normal sampler, seeded from `rng`: twice as fast as numpy's for image-sized inputs.
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        noise = torch.randn(tuple(x.shape), generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+        return x + (config.noise_sigma * level).view(-1, *[1] * (x.ndim - 1)) * noise
+    return rotate_images(x, config.max_rotation * level)
+
+
+def skew_preview(sample: torch.Tensor, num_clients: int, config: PartitionConfig, rng: np.random.Generator,
+                 num_shown: int = 6) -> tuple[np.ndarray, torch.Tensor]:
+    """One input (`sample`, without a batch dimension) as a few clients spread over 0..N-1 see it under
+    `config`'s feature skew: the clients shown and a stack of their views."""
+    shown = np.unique(np.linspace(0, num_clients - 1, min(num_shown, num_clients)).astype(np.int64))
+    single = [np.zeros(0, dtype=np.int64)] * num_clients
+    for position, client in enumerate(shown):
+        single[client] = np.array([position])
+    return shown, apply_feature_skew(sample.unsqueeze(0).repeat(len(shown), *[1] * sample.ndim), single,
+                                     config, rng)
+
+
+def rotate_images(images: torch.Tensor, degrees: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Each image (N, C, H, W) rotated counter-clockwise by its own angle about its centre; a new tensor."""
+    out = images.clone()
+    moved = torch.nonzero(degrees != 0).flatten()
+    for start in range(0, len(moved), chunk):
+        rows = moved[start:start + chunk]
+        theta = torch.deg2rad(degrees[rows].to(torch.float32))
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        zero = torch.zeros_like(cos)
+        affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        batch = images[rows].to(torch.float32)
+        grid = F.affine_grid(affine.to(batch.device), list(batch.shape), align_corners=False)
+        out[rows] = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=False).to(images.dtype)
+    return out
+
+
+# ----- statistics -----
+
+#: What each number of `PartitionStats.summary()` means, for tables and tooltips.
+STAT_DESCRIPTIONS = {
+    "num_clients": "clients",
+    "num_samples": "training samples",
+    "size_min": "smallest client",
+    "size_mean": "mean client size",
+    "size_max": "largest client",
+    "size_std": "standard deviation of client sizes",
+    "size_gini": "Gini coefficient of client sizes (0 = equal, -> 1 = one client holds all)",
+    "classes_per_client_mean": "classes present per client, mean",
+    "classes_missing_mean": "classes absent from a client, mean",
+    "effective_classes_mean": "effective number of classes per client, exp(entropy), mean",
+    "effective_classes_min": "effective number of classes per client, exp(entropy), smallest",
+    "label_tv_mean": "total variation from the global label distribution, mean (0 = IID, 1 = disjoint)",
+    "label_tv_max": "total variation from the global label distribution, max",
+    "label_js_mean": "Jensen-Shannon divergence from the global label distribution (bits), mean",
+    "label_js_max": "Jensen-Shannon divergence from the global label distribution (bits), max",
+    "label_emd_mean": "earth mover's distance from the global label distribution (Zhao et al. 2018), mean",
+    "label_emd_max": "earth mover's distance from the global label distribution, max",
+}
+
+
+@dataclass(frozen=True)
+class PartitionStats:
+    """Per-client heterogeneity of a partition; `summary()` reduces it to numbers that can be logged."""
+
+    counts: np.ndarray              #: client x class sample counts
+    sizes: np.ndarray               #: samples per client
+    tv: np.ndarray                  #: total variation distance from the global label distribution
+    js: np.ndarray                  #: Jensen-Shannon divergence (base 2) from the global label distribution
+    emd: np.ndarray                 #: earth mover's distance (Zhao et al. 2018: L1, unit ground distance)
+    effective_classes: np.ndarray   #: exp(Shannon entropy) of each client's label distribution
+    missing_classes: np.ndarray     #: globally present classes a client has no sample of
+
+    def summary(self) -> dict[str, float]:
+        present = (self.counts > 0).sum(axis=1)
+        return {
+            "num_clients": float(len(self.sizes)),
+            "num_samples": float(self.sizes.sum()),
+            "size_min": float(self.sizes.min()),
+            "size_mean": float(self.sizes.mean()),
+            "size_max": float(self.sizes.max()),
+            "size_std": float(self.sizes.std()),
+            "size_gini": gini(self.sizes),
+            "classes_per_client_mean": float(present.mean()),
+            "classes_missing_mean": float(self.missing_classes.mean()),
+            "effective_classes_mean": float(self.effective_classes.mean()),
+            "effective_classes_min": float(self.effective_classes.min()),
+            "label_tv_mean": float(self.tv.mean()),
+            "label_tv_max": float(self.tv.max()),
+            "label_js_mean": float(self.js.mean()),
+            "label_js_max": float(self.js.max()),
+            "label_emd_mean": float(self.emd.mean()),
+            "label_emd_max": float(self.emd.max()),
+        }
+
+
+def describe(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> PartitionStats:
+    """Every heterogeneity measure of a partition, per client."""
+    return stats_from_counts(count_matrix(labels, parts, num_classes))
+
+
+def stats_from_counts(counts: np.ndarray) -> PartitionStats:
+    counts = np.asarray(counts)
+    sizes = counts.sum(axis=1)
+    local = counts / np.maximum(sizes, 1)[:, None]
+    overall = counts.sum(axis=0) / max(counts.sum(), 1)
+    tv = 0.5 * np.abs(local - overall).sum(axis=1)
+    middle = 0.5 * (local + overall)
+    js = 0.5 * _kl_bits(local, middle) + 0.5 * _kl_bits(overall[None, :], middle)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(local > 0, local * np.log(local), 0.0).sum(axis=1)
+    missing = ((counts == 0) & (overall > 0)[None, :]).sum(axis=1)
+    return PartitionStats(counts, sizes, tv, np.clip(js, 0.0, 1.0), 2.0 * tv, np.exp(entropy), missing)
 
 
 def summarize(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:
     """A few numbers that describe a partition, ready to log."""
-    counts = count_matrix(labels, parts, num_classes)
-    sizes = counts.sum(axis=1)
-    skew = label_skew(counts)
-    return {
-        "num_clients": float(len(parts)),
-        "size_min": float(sizes.min()),
-        "size_mean": float(sizes.mean()),
-        "size_max": float(sizes.max()),
-        "classes_per_client_mean": float((counts > 0).sum(axis=1).mean()),
-        "label_tv_mean": float(skew.mean()),
-        "label_tv_max": float(skew.max()),
-    }
+    return describe(labels, parts, num_classes).summary()
 
 
-def _top_up(owner: np.ndarray, num_clients: int, min_size: int, rng: np.random.Generator) -> None:
+def count_matrix(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Client x class sample counts."""
+    labels = np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1} for num_classes={num_classes}, got "
+                         f"{labels.min()}..{labels.max()}")
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    joined = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if len(parts) else np.zeros(0, int)
+    cells = np.repeat(np.arange(len(parts)), sizes) * num_classes + labels[joined].astype(np.int64)
+    return np.bincount(cells, minlength=len(parts) * num_classes).reshape(len(parts), num_classes)
+
+
+def label_skew(counts: np.ndarray) -> np.ndarray:
+    """Each client's total-variation distance from the global label distribution (0 = IID, 1 = disjoint)."""
+    return stats_from_counts(counts).tv
+
+
+def gini(values: np.ndarray) -> float:
+    """Gini coefficient of non-negative values: 0 when all equal, (n-1)/n when one holds everything."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    if len(x) == 0 or x.sum() == 0:
+        return 0.0
+    ranks = np.arange(1, len(x) + 1)
+    return float(2.0 * np.dot(ranks, x) / (len(x) * x.sum()) - (len(x) + 1) / len(x))
+
+
+def partition_hash(parts: Sequence[np.ndarray]) -> str:
+    """A SHA-256 of the client index arrays (in order), the same on every machine: equal hash, equal partition."""
+    digest = hashlib.sha256()
+    sizes = np.array([len(p) for p in parts], dtype="<i8")
+    digest.update(np.array([len(parts)], dtype="<i8").tobytes())
+    digest.update(sizes.tobytes())
+    for part in parts:
+        digest.update(np.asarray(part).astype("<i8", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def owner_of(parts: Sequence[np.ndarray], num_samples: int) -> np.ndarray:
+    """The client of every sample (-1 for a sample no client holds)."""
+    owner = np.full(num_samples, -1, dtype=np.int64)
+    sizes = [len(p) for p in parts]
+    if sum(sizes):
+        owner[np.concatenate(parts)] = np.repeat(np.arange(len(parts)), sizes)
+    return owner
+
+
+# ----- helpers -----
+
+
+def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p > 0, p * np.log2(p / q), 0.0).sum(axis=1)
+
+
+def _class_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0..K-1 codes of the classes present (narrow ints sort by radix), and each class's size."""
+    classes, codes = np.unique(labels, return_inverse=True)
+    dtype = np.uint16 if len(classes) <= np.iinfo(np.uint16).max else np.int64
+    return codes.reshape(-1).astype(dtype), np.bincount(codes.reshape(-1), minlength=len(classes))
+
+
+def _class_sorted_order(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sample indices grouped by class, in random order inside each class."""
+    shuffled = rng.permutation(len(codes))
+    return shuffled[np.argsort(codes[shuffled], kind="stable")]
+
+
+def _owners_from_counts(counts: np.ndarray, codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give client j `counts[c, j]` random samples of class c, for every class c at once."""
+    num_classes, num_clients = counts.shape
+    owner = np.empty(len(codes), dtype=np.int64)
+    owner[_class_sorted_order(codes, rng)] = np.repeat(np.tile(np.arange(num_clients), num_classes),
+                                                       counts.ravel())
+    return owner
+
+
+def _repair_min_size(owner: np.ndarray, num_clients: int, min_size: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Move exactly the missing samples to clients below `min_size`, taken from the clients with the most
+    to spare (water-filling from the top), random samples of each donor; a new owner array."""
     sizes = np.bincount(owner, minlength=num_clients)
-    for client in np.flatnonzero(sizes < min_size):
-        for _ in range(min_size - sizes[client]):
-            donor = int(np.argmax(sizes))
-            candidates = np.flatnonzero(owner == donor)
-            owner[candidates[rng.integers(len(candidates))]] = client
-            sizes[donor] -= 1
-            sizes[client] += 1
+    deficit = np.maximum(min_size - sizes, 0)
+    needed = int(deficit.sum())
+    if needed == 0:
+        return owner
+    spare = np.maximum(sizes - min_size, 0)  # sum(spare) - needed = n - N * min_size >= 0 (check_feasible)
+    low, high = 0, int(spare.max())  # largest level L with sum(max(spare - L, 0)) >= needed
+    while low < high:
+        mid = (low + high + 1) // 2
+        if np.maximum(spare - mid, 0).sum() >= needed:
+            low = mid
+        else:
+            high = mid - 1
+    give = np.maximum(spare - (low + 1), 0)
+    at_level = np.flatnonzero(spare > low)  # each can give one more without going below the level
+    give[rng.permutation(at_level)[: needed - int(give.sum())]] += 1
+    donors = np.flatnonzero(give)
+    candidates = np.flatnonzero(give[owner] > 0)
+    candidates = candidates[np.lexsort((rng.random(len(candidates)), owner[candidates]))]
+    starts = np.cumsum(sizes[donors]) - sizes[donors]
+    first = np.cumsum(give[donors]) - give[donors]
+    offsets = np.arange(needed) - np.repeat(first, give[donors])
+    moved = candidates[np.repeat(starts, give[donors]) + offsets]
+    repaired = owner.copy()
+    repaired[rng.permutation(moved)] = np.repeat(np.flatnonzero(deficit), deficit[deficit > 0])
+    return repaired
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Non-negative integers summing to `total`, as close as possible to `shares * total`."""
+    exact = shares * total
+    whole = np.floor(exact).astype(np.int64)
+    left = total - int(whole.sum())
+    if left > 0:
+        whole[np.argsort(whole - exact, kind="stable")[:left]] += 1
+    elif left < 0:  # float rounding overshoot: take back from the largest
+        whole[np.argsort(-whole, kind="stable")[:-left]] -= 1
+    return whole
+
+
+def _even_sizes(num_samples: int, num_clients: int) -> np.ndarray:
+    sizes = np.full(num_clients, num_samples // num_clients)
+    sizes[: num_samples % num_clients] += 1
+    return sizes
 
 
 def _groups(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
-    order = np.argsort(owner, kind="stable")
+    narrow = owner.astype(np.uint16) if num_clients <= np.iinfo(np.uint16).max else owner  # radix sort
+    order = np.argsort(narrow, kind="stable")
     return np.split(order, np.cumsum(np.bincount(owner, minlength=num_clients))[:-1])

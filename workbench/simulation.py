@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -18,8 +19,9 @@ from workbench.config import ExperimentConfig
 from workbench.data import Dataset, load_dataset
 from workbench.execution import ClientTask, Executor, RunStopped, build_executor, check_stop
 from workbench.models import build_model, check_model_fits
-from workbench.partition import partition, summarize
+from workbench.partition import apply_feature_skew, check_feature_skew, partition, summarize
 from workbench.strategies import Strategy, build_strategy
+from workbench.updates import state_num_bytes, update_statistics
 
 # Independent random streams, one per purpose, so that changing the algorithm (or skipping a
 # straggler's training) never shifts the data, the partition, the sampled clients or the stragglers.
@@ -50,10 +52,43 @@ class Federation:
     strategy: Strategy
     device: torch.device
     partition_stats: dict[str, float]
+    #: How `run` executes the rounds (resolved executor, workers, their threads), for the run's record.
+    execution: dict[str, object] = field(default_factory=dict)
 
     @property
     def client_sizes(self) -> list[int]:
         return [len(c) for c in self.clients]
+
+
+def load_data(config: ExperimentConfig) -> Dataset:
+    """The dataset of `config`, generated or split with the same seed stream as a run's."""
+    return load_dataset(config.data, config.federation.num_clients, stream(config.seed, STREAM_DATA))
+
+
+def partition_clients(config: ExperimentConfig, dataset: Dataset) -> list[np.ndarray]:
+    """The client index arrays a run of `config` trains on (same seed stream), checked against the data."""
+    num_clients = config.federation.num_clients
+    check_feature_skew(config.partition.scheme, dataset.input_shape, f"data.name={dataset.name}")
+    clients = partition(dataset.y_train.cpu().numpy(), num_clients, config.partition,
+                        stream(config.seed, STREAM_PARTITION), natural=dataset.client_train)
+    if len(clients) != num_clients:
+        raise ValueError(
+            f"federation.num_clients={num_clients}, but data.name={dataset.name} has {len(clients)} natural "
+            f"clients (set federation.num_clients={len(clients)})"
+        )
+    return clients
+
+
+def partition_dataset(config: ExperimentConfig, dataset: Dataset) -> tuple[Dataset, list[np.ndarray]]:
+    """Split `dataset` among clients exactly as a run of `config` does (same seed stream); feature-skew
+    schemes also return the training inputs as each client sees them (the test set stays untouched)."""
+    clients = partition_clients(config, dataset)
+    # A sub-stream of the partition stream, so the feature skew never shifts the partition itself.
+    x_train = apply_feature_skew(dataset.x_train, clients, config.partition,
+                                 stream(config.seed, STREAM_PARTITION, 1))
+    if x_train is not dataset.x_train:
+        dataset = dataclasses.replace(dataset, x_train=x_train)
+    return dataset, clients
 
 
 def prepare(config: ExperimentConfig) -> Federation:
@@ -63,13 +98,7 @@ def prepare(config: ExperimentConfig) -> Federation:
     dataset = load_dataset(config.data, num_clients, stream(config.seed, STREAM_DATA))
     check_model_fits(config.model.name, dataset.input_shape)
     labels = dataset.y_train.numpy()
-    clients = partition(labels, num_clients, config.partition, stream(config.seed, STREAM_PARTITION),
-                        natural=dataset.client_train)
-    if len(clients) != num_clients:
-        raise ValueError(
-            f"federation.num_clients={num_clients}, but data.name={dataset.name} has {len(clients)} natural "
-            f"clients (set federation.num_clients={len(clients)})"
-        )
+    dataset, clients = partition_dataset(config, dataset)
     init = torch.Generator().manual_seed(int(stream(config.seed, STREAM_INIT).integers(2**63)))
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, init).to(device)
     dataset = Dataset(
@@ -90,6 +119,8 @@ class RoundResult:
     stragglers: tuple[int, ...]
     #: Accuracy of the new global model on each client's own test data (empty where clients have none).
     client_accuracy: dict[int, float] = field(default_factory=dict)
+    #: For each client that sent an update: num_samples, num_epochs, is_partial, train_loss, update_norm, drift.
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,22 +202,29 @@ def run(
     executor: Executor | None = None,
     *,
     stop: threading.Event | None = None,
+    start_round: int = 1,
 ) -> History:
     """Run every round of the experiment and return its history; callbacks observe each step.
 
     Setting `stop` (from another thread: a Stop button, a signal handler) ends the run within one
     client update with status KILLED; the history of the finished rounds is returned.
+
+    `start_round` > 1 resumes: the federation's model must hold the global model after round
+    `start_round - 1`. Every random stream is derived from (seed, round, client), so nothing else is
+    needed for the remaining rounds to match an uninterrupted run.
     """
     federation = config if isinstance(config, Federation) else prepare(config)
     config = federation.config
-    executor = executor or build_executor(config.execution.executor, federation.model)
+    executor = executor or build_executor(config.execution.executor, federation.model,
+                                          workers=config.execution.workers)
+    federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))
     history = History()
     error: BaseException | None = None
-    with torch_threads(config.execution.threads):
+    with torch_threads(config.execution.threads or getattr(executor, "threads", 0)):
         for callback in callbacks:
             callback.on_run_start(federation)
         try:
-            for round_ in range(1, config.federation.rounds + 1):
+            for round_ in range(start_round, config.federation.rounds + 1):
                 check_stop(stop)
                 result = run_round(federation, executor, round_, stop)
                 history.rounds.append(result)
@@ -226,6 +264,12 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     updates = executor.run_cohort(global_state, tasks, data.x_train, data.y_train, config.training,
                                   strategy.proximal_mu, stop)
     new_state = strategy.aggregate(global_state, updates)
+    norms, drifts = update_statistics(global_state, [u.state for u in updates], [u.num_samples for u in updates])
+    client_metrics = {
+        u.client: {"num_samples": float(u.num_samples), "num_epochs": float(u.num_epochs),
+                   "is_partial": float(u.is_partial), "train_loss": u.train_loss, "update_norm": n, "drift": d}
+        for u, n, d in zip(updates, norms, drifts)
+    }
     if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
         raise FloatingPointError(f"round {round_} diverged: the aggregated model has inf/nan weights "
                                  f"(lower training.lr, currently {config.training.lr})")
@@ -235,6 +279,11 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     if updates:
         weights = np.array([u.num_samples for u in updates], dtype=np.float64)
         metrics["train_loss"] = float(np.dot(weights, [u.train_loss for u in updates]) / weights.sum())
+        metrics.update(update_norm_mean=float(np.mean(norms)), client_drift_mean=float(np.mean(drifts)),
+                       client_drift_min=float(np.min(drifts)))
+    # Every sampled client downloads the global model; only those whose update is used upload one.
+    model_bytes = state_num_bytes(global_state)
+    metrics.update(bytes_down=float(model_bytes * len(sampled)), bytes_up=float(model_bytes * len(updates)))
     client_accuracy: dict[int, float] = {}
     if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
         loss, accuracy, correct = evaluate(federation.model, data.x_test, data.y_test)
@@ -252,4 +301,5 @@ def run_round(federation: Federation, executor: Executor, round_: int,
         raise FloatingPointError(
             f"round {round_} diverged: {bad} (lower training.lr, currently {config.training.lr})"
         )
-    return RoundResult(round_, metrics, tuple(int(c) for c in sampled), tuple(stragglers), client_accuracy)
+    return RoundResult(round_, metrics, tuple(int(c) for c in sampled), tuple(stragglers), client_accuracy,
+                       client_metrics)

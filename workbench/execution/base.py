@@ -1,11 +1,11 @@
-"""How a cohort's updates are computed; the sequential executor is the reference the others must match."""
+"""The executor contract (`ClientTask`, `Executor`, stop handling) and the sequential reference executor."""
 
 from __future__ import annotations
 
 import copy
 import threading
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,12 @@ class ClientTask:
 class Executor(Protocol):
     name: str
 
+    #: Intra-op threads the run's own process should use with this executor (0 = torch's default).
+    threads: int
+
+    #: What the run's record should say about how it was executed (executor name, workers, threads).
+    settings: Mapping[str, Any]
+
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
@@ -46,13 +52,34 @@ class Executor(Protocol):
         of `stop` being set."""
 
 
+#: Below this many parameters one intra-op thread is fastest on CPU (per-step work is too small to split;
+#: a second thread only adds synchronisation and, on a busy machine, OpenMP spin-waiting).
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def default_threads(model: nn.Module) -> int:
+    """Intra-op threads for training `model` in the run's own process: 1 for small models on CPU,
+    else 0 (= torch's default, all cores)."""
+    device = next(model.parameters()).device
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    return 1 if device.type == "cpu" and small else 0
+
+
+def batch_order(task: ClientTask) -> torch.Generator:
+    """The generator of a task's batch order: every executor must draw `train_locally`'s permutations
+    from exactly this, epoch after epoch, so that all of them visit the same batches."""
+    return torch.Generator().manual_seed(task.seed)
+
+
 class SequentialExecutor:
-    """Clients one after another on one scratch copy of the model."""
+    """Clients one after another on one scratch copy of the model (`train_locally`, unchanged)."""
 
     name = "sequential"
 
     def __init__(self, model: nn.Module):
         self._scratch = copy.deepcopy(model)
+        self.threads = default_threads(model)
+        self.settings = {"executor": self.name}
 
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
@@ -62,20 +89,11 @@ class SequentialExecutor:
         updates = []
         for task in tasks:
             check_stop(stop)
-            generator = torch.Generator().manual_seed(task.seed)
             state, loss = train_locally(
                 self._scratch, global_state, x[task.indices], y[task.indices],
                 num_epochs=task.num_epochs, batch_size=training.batch_size, lr=training.lr, mu=mu,
-                generator=generator,
+                generator=batch_order(task),
             )
             updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, loss,
                                         task.is_partial))
         return updates
-
-
-EXECUTORS = {"sequential": SequentialExecutor}
-
-
-def build_executor(name: str, model: nn.Module) -> Executor:
-    """The executor called `name` (config key `execution.executor`), working on copies of `model`."""
-    return EXECUTORS[name](model)

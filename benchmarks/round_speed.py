@@ -1,0 +1,178 @@
+"""Seconds per round of every executor against the plain sequential loop and a centralized large-batch
+pass over the same samples (the limit proxy), on the FedAvg standard workload of McMahan et al. 2017:
+MNIST-shaped generated data, 100 clients of 600 samples, E = 1, B = 10, SGD; the 2NN and the CNN at 10, 50
+and 100 clients per round. Variants are interleaved and repeated in one run; medians are printed with the
+ratios fast/limit and sequential/fast.
+
+    .venv/bin/python benchmarks/round_speed.py            # the full table (many minutes on 2 cores)
+    .venv/bin/python benchmarks/round_speed.py --quick    # 10 clients per round, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from workbench.config import TrainingConfig
+from workbench.execution import (ClientTask, ProcessExecutor, SequentialExecutor, VectorizedExecutor,
+                                 close_pools, usable_cpus)
+from workbench.models import build_model
+from workbench.strategies import aggregate_by_samples
+
+NUM_CLIENTS, SAMPLES_PER_CLIENT, SHAPE, NUM_CLASSES = 100, 600, (1, 28, 28), 10
+TRAINING = TrainingConfig(local_epochs=1, batch_size=10, lr=0.05)
+
+
+def mnist_shaped(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """60,000 learnable 28x28 images: a random prototype per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, NUM_CLASSES, (NUM_CLIENTS * SAMPLES_PER_CLIENT,), generator=g)
+    prototypes = torch.rand(NUM_CLASSES, *SHAPE, generator=g)
+    x = prototypes[y] + 0.5 * torch.randn(len(y), *SHAPE, generator=g)
+    return x, y
+
+
+def cohort(size: int, round_: int) -> list[ClientTask]:
+    g = torch.Generator().manual_seed(1000 + round_)
+    clients = torch.randperm(NUM_CLIENTS, generator=g)[:size].sort().values.tolist()
+    return [ClientTask(c, torch.arange(c * SAMPLES_PER_CLIENT, (c + 1) * SAMPLES_PER_CLIENT), TRAINING.local_epochs,
+                       False, 7919 * round_ + c) for c in clients]
+
+
+def centralized_pass(model, x, y, tasks, batch_size: int) -> None:
+    """One epoch of plain SGD over the cohort's samples in large batches: the same arithmetic as the
+    round (same samples, same model), with none of its per-client overhead."""
+    indices = torch.cat([t.indices for t in tasks])
+    optimizer = torch.optim.SGD(model.parameters(), lr=TRAINING.lr)
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def import_seconds() -> float:
+    """What a worker pays to import torch and workbench (excluded from the start-up target)."""
+    code = ("import time; t = time.perf_counter(); import workbench.execution.processes; "
+            "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 clients per round only, 2 repeats")
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--sizes", default="10,50,100")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--limit-batch", type=int, default=100, help="batch size of the centralized pass")
+    parser.add_argument("--vectorized-max", type=int, default=10,
+                        help="largest cohort for the vectorized executor on CPU (it is slow there)")
+    args = parser.parse_args()
+    sizes = [10] if args.quick else [int(s) for s in args.sizes.split(",")]
+    repeats = 2 if args.quick else args.repeats
+    models = args.models.split(",")
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    print(f"# {usable_cpus()} CPU cores, torch {torch.__version__}, device {device}, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+
+    x, y = mnist_shaped()
+    x, y = x.to(device), y.to(device)
+    nets = {name: build_model(name, SHAPE, NUM_CLASSES, torch.Generator().manual_seed(0)).to(device)
+            for name in models}
+
+    # --- start-up: a fresh pool, its first round, and what imports cost in it ---
+    if not on_gpu:
+        imports = import_seconds()
+        started = time.perf_counter()
+        probe = ProcessExecutor(nets[models[0]])
+        probe._pool.wait_ready()
+        ready = time.perf_counter() - started
+        boot = max(probe._pool.boot_s)
+        global_state = {k: v.detach().clone() for k, v in nets[models[0]].state_dict().items()}
+        first = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, TRAINING, 0.0))
+        second = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, TRAINING, 0.0))
+        print(f"# start-up ({models[0]}, 10 clients): workers ready {ready:.2f} s, of which interpreter start "
+              f"and imports in the slowest worker {boot:.2f} s (imports alone, one process on its own: "
+              f"{imports:.2f} s); first round {first:.2f} s, next {second:.2f} s; start-up excluding imports "
+              f"= ready - boot + first - next = {ready - boot + first - second:.2f} s")
+
+    variants: dict[str, object] = {}
+
+    def executors(name):
+        model = nets[name]
+        made = {"sequential t1": (SequentialExecutor(model), 1)}
+        if usable_cpus() > 1:
+            made["sequential t2"] = (SequentialExecutor(model), 2)
+        if not on_gpu:
+            made["processes"] = (ProcessExecutor(model), 1)
+            if ProcessExecutor(model).uses_kernel:
+                made["processes, no fused kernel"] = (ProcessExecutor(model, use_kernel=False), 1)
+        made["vectorized"] = (VectorizedExecutor(model), usable_cpus())
+        return made
+
+    results: dict[tuple[str, int, str], list[float]] = {}
+    for rep in range(repeats):
+        for name in models:
+            variants = executors(name)
+            global_state = {k: v.detach().clone() for k, v in nets[name].state_dict().items()}
+            for size in sizes:
+                tasks = cohort(size, rep + 1)
+                # the sequential loop's thread setting is compared at the smallest cohort only (time)
+                plan = [(label, ex, threads) for label, (ex, threads) in variants.items()
+                        if not (label == "vectorized" and not on_gpu and size > args.vectorized_max)
+                        and not (label == "sequential t2" and size > min(sizes))]
+                plan += [(f"limit t{t}", None, t) for t in sorted({1, usable_cpus()})]
+                shift = rep % len(plan)  # rotate the order each repeat: no variant always runs first
+                for label, executor, threads in plan[shift:] + plan[:shift]:
+                    torch.set_num_threads(threads)
+                    if executor is None:
+                        scratch = build_model(name, SHAPE, NUM_CLASSES, torch.Generator().manual_seed(0)).to(device)
+                        seconds = timed(lambda: centralized_pass(scratch, x, y, tasks, args.limit_batch))
+                    else:
+                        seconds = timed(lambda: aggregate_by_samples(global_state, executor.run_cohort(
+                            global_state, tasks, x, y, TRAINING, 0.0)))
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    results.setdefault((name, size, label), []).append(seconds)
+                    print(f"  rep {rep + 1} {name:4} {size:3} clients  {label:28} {seconds:8.3f} s", flush=True)
+
+    print(f"\n# seconds per round, median of {repeats} (load average {os.getloadavg()[0]:.1f} at end); on a shared "
+          "machine compare the minima too (other work only ever adds time):")
+    for (name, size, label), values in results.items():
+        print(f"#   {name:4} {size:3} clients  {label:28} min {min(values):8.3f} s")
+    header = ["model", "clients", "sequential (best threads)", "fast (auto)", "other variants", "limit (best)",
+              "fast/limit", "sequential/fast"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    fast_label = "vectorized" if on_gpu else "processes"
+    for name in models:
+        for size in sizes:
+            med = {label: statistics.median(v) for (n, s, label), v in results.items() if (n, s) == (name, size)}
+            seq_label = min((l for l in med if l.startswith("sequential")), key=med.get)
+            limit_label = min((l for l in med if l.startswith("limit")), key=med.get)
+            others = ", ".join(f"{l} {v:.2f}" for l, v in med.items()
+                               if l not in (seq_label, limit_label, fast_label) and not l.startswith(("limit", "seq")))
+            fast = med[fast_label]
+            print(f"| {name} | {size} | {med[seq_label]:.2f} ({seq_label[-2:]}) | {fast:.2f} | {others} | "
+                  f"{med[limit_label]:.2f} ({limit_label[-2:]}) | {fast / med[limit_label]:.2f} | "
+                  f"{med[seq_label] / fast:.2f} |")
+    close_pools()
+
+
+if __name__ == "__main__":
+    main()

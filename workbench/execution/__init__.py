@@ -1,0 +1,57 @@
+"""How a cohort's updates are computed: the sequential reference, client-parallel worker processes, and
+all clients at once with stacked weights (torch.func); `auto` picks the fast one that applies."""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+
+from torch import nn
+
+from workbench.execution.base import (ClientTask, Executor, RunStopped, SequentialExecutor, batch_order,
+                                      check_stop, default_threads)
+from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
+from workbench.execution.processes import ProcessExecutor, close_pools, usable_cpus
+from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, why_not_batchable
+
+EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "vectorized": VectorizedExecutor}
+
+__all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
+           "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "batch_order", "batch_schedule", "build_executor",
+           "check_stop", "close_pools", "default_threads", "linear_chain", "resolve_executor", "train_chain_locally",
+           "usable_cpus", "why_not_batchable"]
+
+
+def resolve_executor(name: str, model: nn.Module) -> str:
+    """The executor `name` stands for with this model on its device: `auto` is `vectorized` on a GPU
+    (when the model can be batched), `processes` on a CPU with several cores (outside daemonic worker
+    processes), else `sequential`.
+    An explicit choice that cannot work here falls back, with a warning that says why."""
+    device = next(model.parameters()).device
+    reason = why_not_batchable(model)
+    if name == "auto":
+        if device.type != "cpu":
+            return "vectorized" if reason is None else "sequential"
+        # a daemonic process (a multiprocessing.Pool worker) may not start workers of its own
+        return "processes" if usable_cpus() > 1 and not multiprocessing.current_process().daemon else "sequential"
+    if name == "vectorized" and reason is not None:
+        fallback = "processes" if device.type == "cpu" and usable_cpus() > 1 else "sequential"
+        warnings.warn(f"execution.executor='vectorized' cannot batch this model ({reason}); "
+                      f"using {fallback!r} instead", stacklevel=3)
+        return fallback
+    if name == "processes" and device.type != "cpu":
+        fallback = "vectorized" if reason is None else "sequential"
+        warnings.warn(f"execution.executor='processes' runs on CPU only, the model is on {device}; "
+                      f"using {fallback!r} instead", stacklevel=3)
+        return fallback
+    return name
+
+
+def build_executor(name: str, model: nn.Module, *, workers: int = 0) -> Executor:
+    """The executor called `name` (config key `execution.executor`, `auto` resolved by
+    `resolve_executor`), working on copies of `model`; `workers` = processes for `processes`
+    (0 = one per core)."""
+    resolved = resolve_executor(name, model)
+    if resolved == "processes":
+        return ProcessExecutor(model, workers)
+    return EXECUTORS[resolved](model)

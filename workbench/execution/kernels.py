@@ -1,0 +1,101 @@
+"""A fused local-training kernel for chains of linear layers and ReLUs (logreg, the 2NN): the same SGD
+as `train_locally`, with the backward pass written out so each step is a handful of BLAS calls."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.client import train_locally
+from workbench.models import MLP, LogisticRegression
+
+
+def linear_chain(model: nn.Module) -> list[str] | None:
+    """The parameter-name prefixes of `model`'s linear layers in forward order, when `model` is a known
+    flatten -> linear (-> ReLU -> linear)* chain; None for anything else (the kernel then does not apply).
+
+    Only the zoo's classes qualify: a module's forward order cannot be read off its submodules in general.
+    """
+    if type(model) not in (MLP, LogisticRegression):
+        return None
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def train_chain_locally(
+    chain: list[str],
+    global_state: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_epochs: int,
+    batch_size: int,
+    lr: float,
+    mu: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """`train_locally` for the linear chain `chain` (see `linear_chain`): same batch order, same SGD steps,
+    same proximal gradient mu * (w - w_global) (Li et al. 2020, Eq. 2), same mean loss; only rounding
+    differs. The gradient of mean cross-entropy w.r.t. the logits is (softmax - onehot) / batch."""
+    weights = [global_state[f"{p}.weight"].detach().clone() for p in chain]
+    biases = [global_state[f"{p}.bias"].detach().clone() for p in chain]
+    anchors = [(global_state[f"{p}.weight"], global_state[f"{p}.bias"]) for p in chain]
+    x = x.flatten(1)
+    num_samples, last = len(y), len(chain) - 1
+    onehot = F.one_hot(y, weights[-1].shape[0]).to(weights[-1].dtype)
+    total_loss = torch.zeros((), dtype=weights[0].dtype, device=x.device)
+    # Each step computes what autograd computes for `train_locally`, op for op (nll_loss_backward,
+    # log_softmax_backward, linear and ReLU backward, then grad + mu*(w - w_global) and w -= lr*grad),
+    # so rounding agrees too: SGD amplifies one-ulp differences over many steps.
+    for _ in range(num_epochs):
+        order = torch.randperm(num_samples, generator=generator).to(x.device)
+        for start in range(0, num_samples, batch_size):
+            batch = order[start:start + batch_size]
+            count = len(batch)
+            activations = [x[batch]]
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                z = torch.addmm(b, activations[-1], w.t())
+                activations.append(z.relu_() if i < last else z)
+            log_probs = activations.pop().log_softmax(1)
+            grad_log_probs = onehot[batch] * (-1.0 / count)
+            total_loss -= (log_probs * onehot[batch]).sum()
+            delta = grad_log_probs - log_probs.exp_() * grad_log_probs.sum(1, keepdim=True)
+            for i in range(last, -1, -1):
+                w, b, inputs = weights[i], biases[i], activations[i]
+                # the next delta needs this layer's weights before the step
+                below = delta.mm(w).mul_(inputs > 0) if i else None
+                grad_w, grad_b = delta.t().mm(inputs), delta.sum(0)
+                if mu:
+                    w_anchor, b_anchor = anchors[i]
+                    grad_w = grad_w + mu * (w - w_anchor)
+                    grad_b = grad_b + mu * (b - b_anchor)
+                w.add_(grad_w, alpha=-lr)
+                b.add_(grad_b, alpha=-lr)
+                delta = below
+    state = {k: v.detach().clone() for k, v in global_state.items()}
+    for prefix, w, b in zip(chain, weights, biases):
+        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
+    return state, float(total_loss) / (num_samples * num_epochs)
+
+
+class LocalTrainer:
+    """One client's local work on a scratch model: the fused kernel where it applies, else `train_locally`."""
+
+    def __init__(self, model: nn.Module, use_kernel: bool = True):
+        self.model = model
+        self.chain = linear_chain(model) if use_kernel else None
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.chain is not None
+
+    def __call__(self, global_state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+                 num_epochs: int, batch_size: int, lr: float, mu: float,
+                 generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+        if self.chain is not None:
+            return train_chain_locally(self.chain, global_state, x, y, num_epochs=num_epochs,
+                                       batch_size=batch_size, lr=lr, mu=mu, generator=generator)
+        return train_locally(self.model, global_state, x, y, num_epochs=num_epochs, batch_size=batch_size,
+                             lr=lr, mu=mu, generator=generator)

@@ -1,0 +1,317 @@
+"""Worker processes of one intra-op thread each, kept between rounds (and runs), pulling clients from a
+shared counter; weights travel through shared-memory buffers, never through pickles."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from workbench.client import ClientUpdate
+from workbench.config import TrainingConfig
+from workbench.execution.base import ClientTask, check_stop, default_threads
+from workbench.execution.kernels import LocalTrainer, linear_chain
+
+#: spawn: workers start from a clean interpreter (no copied locks or threads of a notebook or MLflow);
+#: their `import torch` overlaps with the parent's work and is paid once per session, not per run.
+START_METHOD = "spawn"
+_POLL_S = 0.05
+_START_TIMEOUT_S = 300.0
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _work(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
+    """A worker's loop: keep the data, model and buffers it is sent; on a round, take clients from the
+    shared counter until none are left (or the round is cancelled), writing each update into its row."""
+    # Ctrl-C (and a Jupyter kernel's interrupt or shutdown) reaches the whole process group; the parent
+    # turns it into a KILLED run and closes the pool, so a worker printing its own traceback is noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    x = y = trainer = global_state = out = None
+    # seconds from the parent's start() to here: interpreter start-up and imports
+    outbox.put(("ready", rank, time.time() - started_at))
+    parent = mp.parent_process()
+    while True:
+        try:
+            message = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the parent was killed without closing the pool: don't linger
+            continue
+        kind = message[0]
+        if kind == "close":
+            return
+        round_id = message[1] if kind == "round" else None
+        try:
+            if kind == "data":
+                x, y = message[1], message[2]
+            elif kind == "model":
+                # private weights: the pickled model's tensors arrive in memory shared by all workers
+                trainer = LocalTrainer(copy.deepcopy(message[1]), use_kernel=message[2])
+            elif kind == "buffers":
+                global_state, out = message[1], message[2]
+            elif kind == "round":
+                _, _, tasks, batch_size, lr, mu = message
+                while not cancel.is_set():
+                    with counter.get_lock():
+                        i = counter.value
+                        counter.value += 1
+                    if i >= len(tasks):
+                        break
+                    row, indices, num_epochs, seed = tasks[i]
+                    indices = torch.from_numpy(indices)
+                    state, loss = trainer(global_state, x[indices], y[indices], num_epochs=num_epochs,
+                                          batch_size=batch_size, lr=lr, mu=mu,
+                                          generator=torch.Generator().manual_seed(seed))
+                    for key, value in state.items():
+                        out[key][row].copy_(value)
+                    outbox.put(("done", round_id, row, loss))
+        except Exception:  # reported to the parent, which raises it; the worker stays usable
+            outbox.put(("error", round_id, rank, traceback.format_exc()))
+        if kind == "round":
+            outbox.put(("idle", round_id, rank))
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start workers without re-running the caller's script in them: spawn re-imports `__main__` so
+    that functions defined there unpickle, but workers only run this module's `_work`, and a script
+    without an `if __name__ == "__main__":` guard would otherwise start a pool inside every worker."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        for key in saved:
+            setattr(main, key, None) if key == "__spec__" else delattr(main, key)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
+class WorkerPool:
+    """`num_workers` processes of one thread each, shared by every `ProcessExecutor` of that size."""
+
+    def __init__(self, num_workers: int):
+        ctx = mp.get_context(START_METHOD)
+        self.num_workers = num_workers
+        self.outbox = ctx.Queue()
+        self.counter = ctx.Value("q", 0)
+        self.cancel = ctx.Event()
+        self.inboxes = [ctx.Queue() for _ in range(num_workers)]
+        self.processes = [
+            ctx.Process(target=_work, args=(rank, inbox, self.outbox, self.counter, self.cancel, time.time()),
+                        name=f"workbench-worker-{rank}", daemon=True)
+            for rank, inbox in enumerate(self.inboxes)
+        ]
+        with _main_module_hidden():
+            for process in self.processes:
+                process.start()
+        self.lock = threading.Lock()
+        self.is_ready = False
+        #: seconds each worker spent starting its interpreter and importing torch and workbench
+        self.boot_s: list[float] = []
+        self.round_id = 0
+        self._model_owner: Any = None
+        self._data: tuple[Any, ...] | None = None
+        self._layout: tuple | None = None
+        self._capacity = 0
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.out: dict[str, torch.Tensor] = {}
+
+    @property
+    def is_alive(self) -> bool:
+        return all(p.is_alive() for p in self.processes)
+
+    def wait_ready(self) -> None:
+        if self.is_ready:
+            return
+        ready, deadline = 0, time.monotonic() + _START_TIMEOUT_S
+        while ready < self.num_workers:
+            try:
+                message = self.outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker processes did not start within {_START_TIMEOUT_S:.0f} s")
+                continue
+            if message[0] == "ready":
+                ready += 1
+                self.boot_s.append(message[2])
+        self.is_ready = True
+
+    def _check_alive(self) -> None:
+        dead = [p.name for p in self.processes if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"worker process(es) {', '.join(dead)} died (out of memory?); "
+                               "the next round starts fresh ones")
+
+    def _broadcast(self, message: tuple) -> None:
+        for inbox in self.inboxes:
+            inbox.put(message)
+
+    def send_model(self, owner: Any, model: nn.Module, use_kernel: bool) -> None:
+        if self._model_owner is not owner:
+            self._broadcast(("model", model, use_kernel))
+            self._model_owner = owner
+
+    def send_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Share (x, y) with the workers once per dataset: a copy in shared memory, not the caller's."""
+        data = self._data
+        if data is not None and data[0]() is x and data[1]() is y and data[2:] == (x._version, y._version):
+            return
+        shared_x = x.detach().clone().share_memory_()
+        shared_y = y.detach().clone().share_memory_()
+        self._broadcast(("data", shared_x, shared_y))
+        self._data = (weakref.ref(x), weakref.ref(y), x._version, y._version)
+
+    def send_state(self, global_state: Mapping[str, torch.Tensor], num_rows: int) -> None:
+        """Copy the global model into the shared buffer; (re)allocate the update rows when the model's
+        layout changes or the cohort outgrows them (so memory follows clients per round, not clients)."""
+        layout = tuple((k, tuple(v.shape), v.dtype) for k, v in global_state.items())
+        if layout != self._layout or num_rows > self._capacity:
+            self.global_state = {k: torch.empty(s, dtype=d).share_memory_() for k, s, d in layout}
+            self.out = {k: torch.empty((num_rows, *s), dtype=d).share_memory_() for k, s, d in layout}
+            self._layout, self._capacity = layout, num_rows
+            self._broadcast(("buffers", self.global_state, self.out))
+        for key, value in global_state.items():
+            self.global_state[key].copy_(value)
+
+    def run_round(self, tasks: list[tuple], training: TrainingConfig, mu: float,
+                  stop: threading.Event | None) -> dict[int, float]:
+        """Train every task; return row -> mean loss. Raises `RunStopped` (after the workers have let go of
+        the round) when `stop` is set, and RuntimeError when a worker fails."""
+        self.round_id += 1
+        self.counter.value = 0
+        self.cancel.clear()
+        self._broadcast(("round", self.round_id, tasks, training.batch_size, training.lr, mu))
+        losses: dict[int, float] = {}
+        errors: list[str] = []
+        idle = 0
+        while idle < self.num_workers:
+            if stop is not None and stop.is_set():
+                self.cancel.set()  # workers check it before every client update
+            try:
+                message = self.outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            kind = message[0]
+            if kind == "done" and message[1] == self.round_id:
+                losses[message[2]] = message[3]
+            elif kind == "idle" and message[1] == self.round_id:
+                idle += 1
+            elif kind == "error":
+                errors.append(message[3])
+                self.cancel.set()
+        if errors:
+            raise RuntimeError(f"a worker process failed while training a client:\n{errors[0]}")
+        check_stop(stop)
+        return losses
+
+    def close(self) -> None:
+        for inbox, process in zip(self.inboxes, self.processes):
+            if process.is_alive():
+                try:
+                    inbox.put(("close",))
+                except (OSError, ValueError):
+                    pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+
+
+_POOLS: dict[int, WorkerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(num_workers: int) -> WorkerPool:
+    """The session's pool of `num_workers` workers, started on first use and restarted if one died."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(num_workers)
+        if pool is None or not pool.is_alive:
+            if pool is not None:
+                pool.close()
+            pool = _POOLS[num_workers] = WorkerPool(num_workers)
+        return pool
+
+
+def close_pools() -> None:
+    """Stop every worker process this session started (also run at interpreter exit)."""
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS.clear()
+
+
+atexit.register(close_pools)
+
+
+class ProcessExecutor:
+    """Clients spread over `num_workers` processes of one intra-op thread each (default: one per core),
+    each running `train_locally` (or the fused kernel for linear chains, `use_kernel`) on whole clients,
+    so every update is computed exactly as the sequential executor computes it. CPU only."""
+
+    name = "processes"
+
+    def __init__(self, model: nn.Module, num_workers: int = 0, use_kernel: bool = True):
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"execution.executor='processes' runs on CPU, but the model is on {device} "
+                             "(use execution.executor=vectorized or auto on a GPU)")
+        self._model = copy.deepcopy(model)
+        self.num_workers = num_workers or usable_cpus()
+        self.uses_kernel = use_kernel and linear_chain(model) is not None
+        self._pool = shared_pool(self.num_workers)
+        self.threads = default_threads(model)  # the run's own process: aggregation and evaluation
+        self.settings = {"executor": self.name, "workers": self.num_workers, "worker_threads": 1,
+                         "fused_kernel": self.uses_kernel}
+
+    def run_cohort(
+        self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
+        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        stop: threading.Event | None = None,
+    ) -> list[ClientUpdate]:
+        check_stop(stop)
+        if not tasks:
+            return []
+        if not self._pool.is_alive:
+            self._pool = shared_pool(self.num_workers)
+        pool = self._pool
+        with pool.lock:
+            try:
+                pool.wait_ready()
+                pool.send_model(self, self._model, self.uses_kernel)
+                pool.send_data(x, y)
+                pool.send_state(global_state, len(tasks))
+                work = [(row, task.indices.detach().cpu().numpy(), task.num_epochs, task.seed)
+                        for row, task in enumerate(tasks)]
+                losses = pool.run_round(work, training, mu, stop)
+                states = [{k: v[row].clone() for k, v in pool.out.items()} for row in range(len(tasks))]
+            except (KeyboardInterrupt, RuntimeError):
+                # the workers' state is unknown now: start over next time
+                pool.close()
+                raise
+        return [ClientUpdate(task.client, states[row], len(task.indices), task.num_epochs, losses[row],
+                             task.is_partial) for row, task in enumerate(tasks)]

@@ -1,0 +1,130 @@
+"""All clients of a round at once: stacked weights, one batched gradient per local step (torch.func)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from workbench.client import ClientUpdate
+from workbench.config import TrainingConfig
+from workbench.execution.base import ClientTask, batch_order, check_stop
+
+def why_not_batchable(model: nn.Module) -> str | None:
+    """Why `model` cannot be trained client-parallel by `VectorizedExecutor`, or None when it can."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            return (f"layer {name!r} is a {type(module).__name__}, whose training-mode forward keeps running "
+                    "statistics or draws random masks outside the per-client seed")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"the model has buffers ({', '.join(buffers[:3])}) that local training would update"
+    return None
+
+
+def batch_schedule(tasks: Sequence[ClientTask], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every client's mini-batches, padded to a common length: positions (clients, steps, batch) into
+    each client's own samples and a 0/1 mask of real entries. Each client's permutations come from its
+    own `batch_order` generator, epoch after epoch, exactly as `train_locally` draws them; clients with
+    fewer samples or epochs (stragglers) simply run out of steps early."""
+    steps = [task.num_epochs * math.ceil(len(task.indices) / batch_size) for task in tasks]
+    num_steps = max(steps, default=0)
+    positions = torch.zeros(len(tasks), num_steps, batch_size, dtype=torch.long)
+    mask = torch.zeros(len(tasks), num_steps, batch_size)
+    for k, task in enumerate(tasks):
+        generator, num_samples = batch_order(task), len(task.indices)
+        per_epoch = math.ceil(num_samples / batch_size)
+        padded = per_epoch * batch_size
+        for epoch in range(task.num_epochs):
+            order = torch.randperm(num_samples, generator=generator)
+            block = torch.zeros(padded, dtype=torch.long)
+            block[:num_samples] = order
+            valid = torch.zeros(padded)
+            valid[:num_samples] = 1.0
+            rows = slice(epoch * per_epoch, (epoch + 1) * per_epoch)
+            positions[k, rows] = block.view(per_epoch, batch_size)
+            mask[k, rows] = valid.view(per_epoch, batch_size)
+    return positions, mask
+
+
+class VectorizedExecutor:
+    """Trains the whole cohort in lock-step: the clients' weights are stacked along a leading axis and
+    `vmap(grad(loss))` takes one SGD step for all of them at once (batched matmul, grouped convolution
+    underneath). Per-client batch orders, unequal sizes (masked, ragged last batches), stragglers' fewer
+    epochs and the FedProx proximal gradient match `train_locally`. Memory grows with the clients per
+    round; `max_clients` bounds how many are stacked at a time.
+
+    Pays where kernels are launch-bound (GPUs); on a few CPU cores the stacked weights fall out of cache
+    (see the README's benchmark table)."""
+
+    name = "vectorized"
+
+    def __init__(self, model: nn.Module, max_clients: int = 0):
+        reason = why_not_batchable(model)
+        if reason is not None:
+            raise ValueError(f"execution.executor='vectorized' cannot train this model: {reason} "
+                             "(use execution.executor=processes or sequential)")
+        self._model = copy.deepcopy(model)
+        self._max_clients = max_clients
+        self.threads = 0  # one big batched step per local step: worth every core
+        self.settings = {"executor": self.name}
+
+        def client_loss(params, x, y, mask):
+            logits = functional_call(self._model, params, (x,))
+            losses = F.cross_entropy(logits, y, reduction="none")
+            loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
+            return loss, loss
+
+        self._step = vmap(grad(client_loss, has_aux=True))
+
+    def run_cohort(
+        self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
+        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        stop: threading.Event | None = None,
+    ) -> list[ClientUpdate]:
+        chunk = self._max_clients or len(tasks) or 1
+        updates: list[ClientUpdate] = []
+        for start in range(0, len(tasks), chunk):
+            updates += self._run_chunk(global_state, tasks[start:start + chunk], x, y, training, mu, stop)
+        return updates
+
+    def _run_chunk(self, global_state, tasks, x, y, training, mu, stop) -> list[ClientUpdate]:
+        check_stop(stop)
+        num_clients, lr, device = len(tasks), training.lr, x.device
+        positions, mask = batch_schedule(tasks, training.batch_size)
+        # positions into each client's samples -> rows of x
+        rows = torch.stack([torch.as_tensor(t.indices, device="cpu")[positions[k]]
+                            for k, t in enumerate(tasks)]).to(device)
+        mask = mask.to(device=device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        names = [name for name, _ in self._model.named_parameters()]
+        anchors = {n: global_state[n].detach() for n in names}
+        params = {n: anchors[n].unsqueeze(0).repeat(num_clients, *[1] * anchors[n].ndim) for n in names}
+        total_loss = torch.zeros(num_clients, dtype=mask.dtype, device=device)
+        for step in range(rows.shape[1]):
+            check_stop(stop)
+            step_mask = mask[:, step]
+            grads, losses = self._step(params, x[rows[:, step]], y[rows[:, step]], step_mask)
+            counts = step_mask.sum(1)
+            active = (counts > 0).to(step_mask.dtype)
+            with torch.no_grad():
+                for n in names:
+                    g = grads[n]
+                    if mu:
+                        g = g + mu * (params[n] - anchors[n])
+                    scale = (active * -lr).view(-1, *[1] * anchors[n].ndim)
+                    params[n] = params[n] + scale * g
+            total_loss += losses.detach() * counts
+        losses = (total_loss.cpu() / torch.tensor([len(t.indices) * t.num_epochs for t in tasks])).tolist()
+        updates = []
+        for k, task in enumerate(tasks):
+            state = {key: value.detach().clone() for key, value in global_state.items()}
+            state.update({n: params[n][k].clone() for n in names})
+            updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, losses[k],
+                                        task.is_partial))
+        return updates

@@ -1,0 +1,191 @@
+"""Studies and demonstrations the teaching notebooks call: the FedProx paper's Synthetic grid, curves of
+several runs side by side, and the equivalences that show what the algorithms are (FedProx with mu = 0
+is FedAvg; FedAvg with one client is plain SGD)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ExperimentConfig
+from workbench.simulation import STREAM_TRAINING, History, prepare, run, stream
+from workbench.tracking import MlflowCallback
+
+#: The heterogeneity levels of Li et al. (MLSys 2020), Figure 1: Synthetic-IID, then Synthetic(alpha, beta).
+FEDPROX_HETEROGENEITY: dict[str, dict[str, object]] = {
+    "IID": {"data.name": "synthetic_iid"},
+    "Synthetic(0,0)": {"data.name": "synthetic", "data.alpha": 0.0, "data.beta": 0.0},
+    "Synthetic(0.5,0.5)": {"data.name": "synthetic", "data.alpha": 0.5, "data.beta": 0.5},
+    "Synthetic(1,1)": {"data.name": "synthetic", "data.alpha": 1.0, "data.beta": 1.0},
+}
+
+
+def fedprox_algorithms(mu: float) -> dict[str, dict[str, object]]:
+    """The three lines of each panel of Li et al., Figure 1: FedAvg drops stragglers; FedProx with mu = 0
+    keeps their partial work; FedProx with mu > 0 adds the proximal term as well."""
+    return {
+        "FedAvg": {"strategy.name": "fedavg"},
+        "FedProx mu=0": {"strategy.name": "fedprox", "strategy.mu": 0.0},
+        f"FedProx mu={mu:g}": {"strategy.name": "fedprox", "strategy.mu": float(mu)},
+    }
+
+
+@dataclass(frozen=True)
+class StudyPoint:
+    """One run of a study: the panel it belongs to (row, column), its line, and its config."""
+
+    row: str
+    column: str
+    line: str
+    config: ExperimentConfig
+
+
+def fedprox_study_points(base: ExperimentConfig, heterogeneity: Sequence[str], stragglers: Sequence[float],
+                         mu: float) -> list[StudyPoint]:
+    """Every (heterogeneity, straggler fraction, algorithm) of the FedProx Synthetic study, validated up
+    front. All points share `base`'s seed, so every algorithm sees the same data, clients and stragglers."""
+    unknown = [h for h in heterogeneity if h not in FEDPROX_HETEROGENEITY]
+    if unknown:
+        raise ValueError(f"heterogeneity {unknown[0]!r} is not one of {list(FEDPROX_HETEROGENEITY)}")
+    points = []
+    for level in heterogeneity:
+        for fraction in stragglers:
+            for line, algorithm in fedprox_algorithms(mu).items():
+                overrides = {**FEDPROX_HETEROGENEITY[level], **algorithm,
+                             "federation.straggler_fraction": float(fraction)}
+                points.append(StudyPoint(level, f"{fraction:.0%} stragglers", line, base.with_overrides(overrides)))
+    return points
+
+
+@dataclass
+class Study:
+    """The runs of a study: each point's history and MLflow run id, in the order they ran."""
+
+    points: list[StudyPoint]
+    histories: list[History] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+    def curves(self, metric: str = "test_accuracy") -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+        """`[(row, column)][line] = [(round, value), ...]`, the shape `plots.study_grid` takes."""
+        grid: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}
+        for point, history in zip(self.points, self.histories):
+            grid.setdefault((point.row, point.column), {})[point.line] = history.metric(metric)
+        return grid
+
+    def table(self, metric: str = "test_accuracy"):
+        """Final `metric` of each run: one row per panel, one column per line."""
+        import pandas
+
+        rows: dict[tuple[str, str], dict[str, float]] = {}
+        for point, history in zip(self.points, self.histories):
+            rows.setdefault((point.row, point.column), {})[point.line] = history.final().get(metric, np.nan)
+        frame = pandas.DataFrame.from_dict(rows, orient="index")
+        frame.index = pandas.MultiIndex.from_tuples(frame.index, names=["data", "stragglers"])
+        return frame
+
+
+def run_study(points: Sequence[StudyPoint], tracking_uri: str | None = None, experiment: str = "study", *,
+              show_progress: bool = True, stop: threading.Event | None = None) -> Study:
+    """Run every point, each as an MLflow run tagged with its panel and line; stops early (the runs so
+    far kept) when `stop` is set."""
+    from tqdm.auto import tqdm
+
+    study = Study(list(points))
+    for point in tqdm(study.points, desc="runs", disable=not show_progress):
+        tracker = MlflowCallback(tracking_uri, experiment=experiment, run_name=f"{point.row} | {point.column} | {point.line}",
+                                 extra_tags={"study_row": point.row, "study_column": point.column,
+                                             "study_line": point.line})
+        history = run(point.config, [tracker], stop=stop)
+        study.histories.append(history)
+        study.run_ids.append(tracker.run_id)
+        if history.status != "FINISHED":
+            study.points = study.points[:len(study.histories)]
+            break
+    return study
+
+
+def curves(histories: Mapping[str, History], metrics: Sequence[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """`[label][metric] = [(round, value), ...]` of several runs, the shape `plots.learning_curves` takes."""
+    return {label: {metric: history.metric(metric) for metric in metrics} for label, history in histories.items()}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a model's weights."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_weight_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """max |a - b| over every weight of two model states with the same keys."""
+    if a.keys() != b.keys():
+        raise ValueError(f"the states differ in their keys: {sorted(set(a) ^ set(b))}")
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Two ways of computing the same model: how far apart their weights and metrics ended up."""
+
+    max_weight_difference: float
+    max_metric_difference: float
+    num_rounds: int
+
+    @property
+    def is_exact(self) -> bool:
+        return self.max_weight_difference == 0.0 and self.max_metric_difference == 0.0
+
+
+def run_both(config_a: ExperimentConfig, config_b: ExperimentConfig) -> Equivalence:
+    """Run two configs from scratch and compare their final global models and every round's metrics
+    (timings excluded). FedAvg vs FedProx with mu = 0 and no stragglers differ only in name."""
+    results = []
+    for config in (config_a, config_b):
+        federation = prepare(config)
+        history = run(federation)
+        results.append((snapshot(federation.model), history))
+    (state_a, history_a), (state_b, history_b) = results
+    differences = [abs(ra.metrics[k] - rb.metrics[k]) for ra, rb in zip(history_a.rounds, history_b.rounds)
+                   for k in ra.metrics if k != "round_time_s" and k in rb.metrics]
+    return Equivalence(max_weight_difference(state_a, state_b), max(differences, default=0.0),
+                       len(history_a.rounds))
+
+
+def sgd_reference(config: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """What plain mini-batch SGD (`torch.optim.SGD`) on the single client's data reaches after
+    rounds x local_epochs epochs, with the shuffles the federated run draws: the reference that FedAvg
+    with one client (McMahan et al. 2017: with C = 1 client FedAvg is sequential SGD) must equal."""
+    if config.federation.num_clients != 1:
+        raise ValueError(f"federation.num_clients must be 1 for the SGD reference, got "
+                         f"{config.federation.num_clients} (set federation.num_clients=1, clients_per_round=1)")
+    federation = prepare(config)  # the same data, client and initial model as the federated run
+    model = federation.model
+    x = federation.dataset.x_train[torch.as_tensor(federation.clients[0], device=federation.device)]
+    y = federation.dataset.y_train[torch.as_tensor(federation.clients[0], device=federation.device)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.training.lr)
+    batch = config.training.batch_size
+    model.train()
+    for round_ in range(1, config.federation.rounds + 1):
+        # The seed the round loop gives client 0 in this round: each round reshuffles from it.
+        seed = int(stream(config.seed, STREAM_TRAINING, round_, 0).integers(2**63))
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(config.training.local_epochs):
+            order = torch.randperm(len(y), generator=generator).to(x.device)
+            for start in range(0, len(y), batch):
+                index = order[start:start + batch]
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+    return snapshot(model)
+
+
+def one_client_vs_sgd(config: ExperimentConfig) -> Equivalence:
+    """Federated training with one client against `sgd_reference` on the same data and shuffles."""
+    federation = prepare(config)
+    history = run(federation)
+    return Equivalence(max_weight_difference(snapshot(federation.model), sgd_reference(config)), 0.0,
+                       len(history.rounds))
