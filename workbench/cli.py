@@ -99,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Federated-learning experiments, logged to MLflow.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_experiment_options(sub: argparse.ArgumentParser) -> None:
+    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)"
+
+    def add_config_options(sub: argparse.ArgumentParser, example: str = "training.lr=0.05") -> None:
         sub.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
         sub.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                         help="override one config key (repeatable), e.g. --set training.lr=0.05")
-        sub.add_argument("--tracking-uri", metavar="URI",
-                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)")
+                         help=f"override one config key (repeatable), e.g. --set {example}")
+
+    def add_experiment_options(sub: argparse.ArgumentParser) -> None:
+        add_config_options(sub)
+        sub.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
         sub.add_argument("--experiment", metavar="NAME", help="MLflow experiment name")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -119,12 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     part = commands.add_parser(
         "partition", help="split the data among clients as a run would, print its statistics and write its "
         "figures (no training)", epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    part.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys")
-    part.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                      help="override one config key (repeatable), e.g. --set partition.scheme=dirichlet")
+    add_config_options(part, example="partition.scheme=dirichlet")
     part.add_argument("--out", metavar="DIR", default="partition-report",
                       help="folder for the figures, counts.csv and summary.json (default: %(default)s)")
-    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)"
     resume_ = commands.add_parser(
         "resume", help="continue a crashed, killed or stopped run from its latest checkpoint (same MLflow run)")
     resume_.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id to continue")

@@ -94,18 +94,15 @@ def partition_dataset(config: ExperimentConfig, dataset: Dataset) -> tuple[Datas
 def prepare(config: ExperimentConfig) -> Federation:
     """Load data, partition it and build the model; every user error surfaces here, before any round."""
     device = resolve_device(config.device)
-    num_clients = config.federation.num_clients
-    dataset = load_dataset(config.data, num_clients, stream(config.seed, STREAM_DATA))
+    dataset = load_data(config)
     check_model_fits(config.model.name, dataset.input_shape)
-    labels = dataset.y_train.numpy()
     dataset, clients = partition_dataset(config, dataset)
+    stats = summarize(dataset.y_train.numpy(), clients, dataset.num_classes)
     init = torch.Generator().manual_seed(int(stream(config.seed, STREAM_INIT).integers(2**63)))
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, init).to(device)
-    dataset = Dataset(
-        dataset.name, dataset.x_train.to(device), dataset.y_train.to(device), dataset.x_test.to(device),
-        dataset.y_test.to(device), dataset.num_classes, dataset.client_train, dataset.client_test,
-    )
-    stats = summarize(labels, clients, dataset.num_classes)
+    dataset = dataclasses.replace(
+        dataset, x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
+        x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device))
     return Federation(config, dataset, clients, model, build_strategy(config.strategy), device, stats)
 
 
