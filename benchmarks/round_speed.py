@@ -59,10 +59,16 @@ def centralized_pass(model, x, y, tasks, batch_size: int) -> None:
         optimizer.step()
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def timed(fn, min_seconds: float = 0.0) -> float:
+    """Seconds per call of `fn`: the mean over as many calls as fill `min_seconds` (at least one), so
+    that sub-second rounds are not single noisy samples."""
+    calls, started = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 def import_seconds() -> float:
@@ -78,12 +84,14 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--sizes", default="10,50,100")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=2.0,
+                        help="each timing repeats a round until this many seconds have passed (mean per round)")
     parser.add_argument("--limit-batch", type=int, default=100, help="batch size of the centralized pass")
     parser.add_argument("--vectorized-max", type=int, default=10,
                         help="largest cohort for the vectorized executor on CPU (it is slow there)")
     args = parser.parse_args()
     sizes = [10] if args.quick else [int(s) for s in args.sizes.split(",")]
-    repeats = 2 if args.quick else args.repeats
+    repeats = min(2, args.repeats) if args.quick else args.repeats
     models = args.models.split(",")
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -142,10 +150,11 @@ def main() -> None:
                     torch.set_num_threads(threads)
                     if executor is None:
                         scratch = build_model(name, SHAPE, NUM_CLASSES, torch.Generator().manual_seed(0)).to(device)
-                        seconds = timed(lambda: centralized_pass(scratch, x, y, tasks, args.limit_batch))
+                        seconds = timed(lambda: centralized_pass(scratch, x, y, tasks, args.limit_batch),
+                                        args.min_time)
                     else:
                         seconds = timed(lambda: aggregate_by_samples(global_state, executor.run_cohort(
-                            global_state, tasks, x, y, TRAINING, 0.0)))
+                            global_state, tasks, x, y, TRAINING, 0.0)), args.min_time)
                     if on_gpu:
                         torch.cuda.synchronize()
                     results.setdefault((name, size, label), []).append(seconds)
