@@ -113,14 +113,31 @@ def jupyterlab(tmp_path, tracking_uri):
         log.close()
 
 
+def answer_kernel_dialog(page) -> None:
+    """When starting its kernel takes JupyterLab too long (a loaded machine), it asks which kernel to
+    start: take the one it offers, as a user would."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.first.is_visible():
+        text = dialog.first.inner_text()
+        step(f"JupyterLab asks: {' '.join(text.split())[:100]!r}")
+        if "Select Kernel" in text:
+            dialog.first.locator(".jp-mod-accept").click()
+
+
 def run_all_cells(page, timeout_s: float = 150) -> None:
     """Run every cell, retrying while the kernel is not really ready (JupyterLab reports it idle
     before its websocket is up, and a run sent then is lost): done when the panel's Run button shows."""
     run_button = page.locator(".workbench-experiment-panel button", has_text=re.compile(r"^\s*Run\s*$"))
     deadline = time.monotonic() + timeout_s
     while True:
+        assert time.monotonic() < deadline, "the notebook never ran (kernel not ready?)"
+        answer_kernel_dialog(page)
         # The notebook commands act on the focused notebook: focus it as a user's click would.
-        page.locator(".jp-NotebookPanel .jp-Cell").first.click()
+        try:
+            page.locator(".jp-NotebookPanel .jp-Cell").first.click(timeout=10_000)
+        except Exception:  # playwright's TimeoutError: a dialog came up meanwhile
+            step("could not focus the notebook: trying again")
+            continue
         # Fire and forget: the command's promise never settles when the kernel drops the request.
         page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         try:

@@ -76,15 +76,16 @@ def test_server_gone_mid_run_stops_after_the_round_and_resumes_when_back(config,
                 mlflow_server.stop()
 
     rounds = Rounds()
-    tracker = MlflowCallback(mlflow_server.uri, experiment="remote-loss")
+    tracker = MlflowCallback(mlflow_server.uri, experiment="remote-loss", flush_every_s=0)
     try:
         with pytest.raises(TrackingUnavailable) as caught:
             run(config, [tracker, ServerDiesAfterRound2(), rounds])
     finally:
         mlflow_server.start()
     message = str(caught.value)
-    # Rounds are logged in the background, one in flight: the failure to log round 2 or 3 is noticed at
-    # the end of the next round, which then stops the run (observers after the tracker never see it).
+    # Sent every round (flush_every_s=0), in the background, one send in flight: the failure to log round
+    # 2 or 3 is noticed at the end of the next round, which then stops the run (observers after the tracker
+    # never see it).
     stopped_after = int(message.split("after round ")[1].split()[0])
     assert stopped_after in (3, 4) and rounds.seen == list(range(1, stopped_after))
     assert f"workbench resume {tracker.run_id}" in message and str(tmp_path / "run-state") in message

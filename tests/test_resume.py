@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from workbench.cli import main
 from workbench.simulation import Callback, prepare, run
-from workbench.tracking import CLIENT_TABLE, MlflowCallback, load_model, resume
+from workbench.tracking import (CLIENT_TABLE, FLUSH_ENV, UNPUBLISHED_DIR, MlflowCallback, checkpoint_rounds,
+                                load_model, resume)
 
 PER_ROUND = ("test_accuracy", "test_loss", "train_loss", "update_norm_mean", "client_drift_mean", "bytes_up",
              "bytes_down", "num_updates", "round_time_s")
@@ -34,7 +35,8 @@ def cli_args(config):
 
 
 def start_cli(*args):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE"}
+    # every round sent on its own (as with slow rounds), so that polling the store sees each one
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE", FLUSH_ENV: "0"}
     return subprocess.Popen([sys.executable, "-m", "workbench.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -97,6 +99,48 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(config, tracki
     rows = list(csv.DictReader(open(client.download_artifacts(run_id, CLIENT_TABLE, str(tmp_path)))))
     keys = [(r["round"], r["client"]) for r in rows]
     assert len(keys) == len(set(keys)) and {int(r["round"]) for r in rows} == set(range(1, rounds + 1))
+
+
+def test_sigkill_with_uploads_queued_loses_no_checkpoint(config, tracking_uri, tmp_path):
+    # A slow store (every artifact upload takes 0.4 s) lets the run get rounds ahead of its uploads; a hard
+    # kill then leaves their checkpoints in the local state, and the resume uploads them before going on.
+    rounds = 12
+    config = config.with_overrides({"federation.rounds": rounds})
+    slow_store = ("import time; from mlflow.tracking import MlflowClient as C; original = C.log_artifacts; "
+                  "C.log_artifacts = lambda *a, **k: (time.sleep(0.4), original(*a, **k))[1]; "
+                  "from workbench.cli import main; raise SystemExit(main())")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen([sys.executable, "-c", slow_store, "run", *cli_args(config), "--tracking-uri",
+                                tracking_uri, "--experiment", "queued", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run_id = wait_for_round(tracking_uri, process, 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    client = MlflowClient(tracking_uri)
+    # staged for the next send, or in a send the kill interrupted
+    queued = sorted({p.name for p in (tmp_path / "run-state" / run_id / UNPUBLISHED_DIR).glob("*/checkpoints/round_*")})
+    uploaded = checkpoint_rounds(client, run_id)
+    assert queued, "the kill should have left rounds waiting for upload"
+    assert max(uploaded, default=0) < rounds
+
+    history = resume(run_id, tracking_uri)
+    assert history.status == "FINISHED"
+    class EveryRound(Callback):
+        states = {}
+
+        def on_round_end(self, result, federation):
+            self.states[result.round] = {k: v.clone() for k, v in federation.model.state_dict().items()}
+
+    reference = prepare(config)
+    expected = run(reference, [EveryRound()])
+    assert checkpoint_rounds(client, run_id) == list(range(1, rounds + 1))  # the queued ones too
+    assert_one_point_per_round(client, run_id, rounds, expected)
+    assert_same_model(load_model(run_id, tracking_uri), reference.model)
+    for name in queued:  # each snapshot holds its own round's model, not a later one's
+        round_ = int(name.removeprefix("round_"))
+        model = load_model(run_id, tracking_uri, round=round_)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in EveryRound.states[round_].items()), name
+    assert not (tmp_path / "run-state" / run_id).exists()
 
 
 @pytest.mark.parametrize("signum, exit_status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -136,3 +136,36 @@ def test_round_record_checkpoints_and_client_table(tiny_config, tracking_uri, tm
             assert float(mine[client_id]["test_accuracy"]) == pytest.approx(accuracy)
     metric_keys = client.get_run(tracker.run_id).data.metrics
     assert not any(str(c) in key.split("_") for key in metric_keys for c in range(8))  # no per-client keys
+
+
+def test_rounds_are_sent_together_but_logged_once_each(tiny_config, tracking_uri, monkeypatch):
+    # Short rounds go to MLflow together (a store write costs as much as a small model's round), yet
+    # each metric has exactly one point per round and every round's checkpoint arrives.
+    from workbench.tracking import checkpoint_rounds
+
+    rounds = 6
+    tracker = MlflowCallback(tracking_uri, experiment="coalesced", flush_every_s=3600)
+    sent_steps = []
+    log_batch = tracker.client.log_batch
+
+    def recording_log_batch(run_id, metrics=(), **kwargs):
+        sent_steps.append(sorted({m.step for m in metrics}))
+        return log_batch(run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", recording_log_batch)
+    run(tiny_config.with_overrides({"federation.rounds": rounds}), [tracker])
+    # (params first, without metrics), partition statistics, then all rounds at once
+    assert [steps for steps in sent_steps if steps] == [[0], list(range(1, rounds + 1))]
+    client = MlflowClient(tracking_uri)
+    for key in ("test_accuracy", "train_loss", "round_time_s"):
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id, key)) == list(range(1, rounds + 1))
+    assert checkpoint_rounds(client, tracker.run_id) == list(range(1, rounds + 1))
+
+
+def test_bad_flush_interval_is_a_usage_error(monkeypatch, tracking_uri, capsys):
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_FLUSH_EVERY_S", "soon")
+    assert main(["run", "--set", "federation.rounds=1", "--tracking-uri", tracking_uri, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "WORKBENCH_FLUSH_EVERY_S='soon'" in err and ">= 0" in err and len(err.strip().splitlines()) == 1

@@ -171,9 +171,9 @@ def run_experiment(config: ExperimentConfig, tracking_uri: str | None, experimen
     try:
         check_tracking_uri(tracking_uri)
         federation = prepare(config)
+        tracker = MlflowCallback(tracking_uri, experiment=experiment)  # checks $WORKBENCH_FLUSH_EVERY_S
     except (ValueError, TypeError, DatasetUnavailableError, TrackingUnavailable) as err:
         raise UsageError(str(err)) from err
-    tracker = MlflowCallback(tracking_uri, experiment=experiment)
     callbacks = [tracker] if quiet else [tracker, ProgressBar(label)]
     history = tracked(lambda: tracker.run_id, lambda stop: run(federation, callbacks, stop=stop))
     return tracker.run_id, history.final()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -32,13 +33,23 @@ from workbench.config import ExperimentConfig, knobs
 from workbench.execution import Executor
 from workbench.models import build_model
 from workbench.partition import describe, partition_hash
-from workbench.plots import comparison_figure, partition_heatmap
+from workbench.plots import comparison_figure, partition_heatmap, to_png
 from workbench.simulation import Callback, Federation, History, RoundResult, prepare, run
 
 DEFAULT_EXPERIMENT = "workbench"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 CLIENT_TABLE = "clients/client_rounds.csv"
+#: Rounds that end less than this many seconds after the last send to MLflow wait and go with the next
+#: one: a store write costs 10-20 ms of CPU, as much as a whole round of a small model. Every metric
+#: still gets exactly one point per round, at step = round; 0 sends every round on its own.
+#: `$WORKBENCH_FLUSH_EVERY_S` overrides it for every run (say, to watch a live demo round by round).
+FLUSH_ENV = "WORKBENCH_FLUSH_EVERY_S"
+FLUSH_EVERY_S = 2.0
+#: Where checkpoints wait (hard links, no copies) until they are uploaded, laid out as the run's artifact
+#: tree: `next/` collects the rounds since the last send; a send renames it `send_<n>/` and uploads it.
+UNPUBLISHED_DIR = "unpublished"
+_MLFLOW_METRIC_LIMIT = 1000  # log_batch accepts at most 1000 metrics per call
 CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "is_partial", "train_loss",
                   "update_norm", "drift", "test_accuracy")
 #: Where a run keeps its state on this machine until MLflow has all of it (overridable per call).
@@ -93,14 +104,17 @@ class MlflowCallback(Callback):
 
     A run that raises ends FAILED and one interrupted (Ctrl-C, a stop event) ends KILLED; what was logged
     stays, and its last round's checkpoint is logged so that `resume` can continue it. Each round's
-    checkpoint and metrics are first written to a local state folder, then logged to MLflow on a background
-    thread while the next round trains (one round in flight at most): a run whose tracking server goes away
-    stops at the end of the next round with `TrackingUnavailable` and loses nothing.
+    checkpoint and metrics are first written to a local state folder, then sent to MLflow by a background
+    thread while the next rounds train: every `flush_every_s` seconds the rounds that ended since go in one
+    metric batch with their checkpoints (one send in flight at most). A run whose tracking server goes away
+    stops with `TrackingUnavailable` at the end of the round in which that shows, and loses nothing:
+    `resume` sends the rest from the local state.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, extra_tags: dict[str, str] | None = None, *,
-                 parent_run_id: str | None = None, state_dir: str | Path | None = None):
+                 parent_run_id: str | None = None, state_dir: str | Path | None = None,
+                 flush_every_s: float | None = None):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
@@ -117,10 +131,15 @@ class MlflowCallback(Callback):
         self._uploaded_round = -1
         self._spec: dict[str, Any] = {}
         self._last_server_state: dict[str, torch.Tensor] = {}
-        self._client_rows: list[list[Any]] = []
+        self._local_round = -1  # the round whose checkpoint the local state folder holds
         self._logged_before_resume = 0
+        self.flush_every_s = flush_every_s if flush_every_s is not None else flush_interval()
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-publish")
-        self._pending: Future | None = None
+        self._in_flight: Future | None = None
+        #: metrics of the rounds not sent yet (their checkpoints wait in `unpublished/next/`)
+        self._unsent: list[tuple[int, dict[str, float]]] = []
+        self._sends = 0
+        self._last_flush = 0.0
 
     @property
     def state_folder(self) -> Path:
@@ -157,11 +176,14 @@ class MlflowCallback(Callback):
         self.client.log_batch(self.run_id, metrics=[
             Metric(f"partition_{k}", float(v), now, 0) for k, v in federation.partition_stats.items()
         ])
-        log_partition(self.client, self.run_id, federation)
+        # the partition's files and heatmap (a figure to render: the slowest part of a run's start)
+        # are logged while the first round trains
+        self._in_flight = self._publisher.submit(log_partition, self.client, self.run_id, federation)
+        self._last_flush = time.monotonic()
 
     def on_round_end(self, result: RoundResult, federation: Federation) -> None:
-        # Local first (milliseconds, and all a resume needs); MLflow in the background, one round in
-        # flight at most, so the next round trains while this one is logged.
+        # Local first (milliseconds, and all a resume needs); MLflow in the background while the next
+        # rounds train, from hard links to this round's checkpoint files (the local ones move on meanwhile).
         self._last_round = result.round
         self._last_state = {k: v.detach().to("cpu", copy=True) for k, v in federation.model.state_dict().items()}
         self._last_server_state = server_state(federation)
@@ -169,39 +191,56 @@ class MlflowCallback(Callback):
         is_best = accuracy is not None and accuracy > self._best_value
         if is_best:
             self._best_round, self._best_value = result.round, accuracy
-        rows = client_rows(result)
-        self._client_rows += rows
         with open(self.state_folder / "metrics.jsonl", "a") as file:
             file.write(json.dumps({"round": result.round, "metrics": result.metrics}) + "\n")
         with open(self.state_folder / "client_rounds.csv", "a", newline="") as file:
-            csv.writer(file).writerows(rows)
-        checkpoint = (self._spec, self._last_state, result.round, self._best_round, self._best_value,
-                      self._last_server_state)
-        write_checkpoint(self.state_folder / "checkpoint", *checkpoint)
+            csv.writer(file).writerows(client_rows(result))
+        self._write_local_checkpoint()
         every, rounds = federation.config.checkpoint.every, federation.config.federation.rounds
         names = [f"round_{result.round:04d}"] if (every and result.round % every == 0) or result.round == rounds else []
         names += ["best"] if is_best else []
         metrics = dict(result.metrics) if result.round > self._logged_before_resume else {}
-        self._wait_published(result.round)
-        self._pending = self._publisher.submit(self._publish, result.round, metrics, names, checkpoint,
-                                               list(self._client_rows) if names else None)
-
-    def _publish(self, round_: int, metrics: dict[str, float], names: list[str], checkpoint: tuple,
-                 rows: list[list[Any]] | None) -> None:
-        """Log one round to MLflow (on the publishing thread): its metrics, then its checkpoints."""
-        if metrics:
-            now = _now_ms()
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, round_) for k, v in metrics.items()])
         for name in names:
-            self._upload_checkpoint(name, checkpoint, rows)
+            self._stage_checkpoint(name)
+        self._unsent.append((result.round, metrics))
+        if self._in_flight is not None and self._in_flight.done():
+            self._wait_in_flight(result.round)  # raises if that send failed
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self._flush(result.round)
 
-    def _wait_published(self, round_: int) -> None:
-        """Raise `TrackingUnavailable` if logging the previous round failed."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+    def _flush(self, round_: int) -> None:
+        """Send the rounds not sent yet, on the publishing thread, after the previous send is through."""
+        self._wait_in_flight(round_)
+        unsent, self._unsent = self._unsent, []
+        staged = self.state_folder / UNPUBLISHED_DIR / "next"
+        send = None
+        if staged.exists():
+            # with the client table as of the last round sent: one upload per send, not one per checkpoint
+            (staged / os.path.dirname(CLIENT_TABLE)).mkdir(exist_ok=True)
+            shutil.copyfile(self.state_folder / os.path.basename(CLIENT_TABLE), staged / CLIENT_TABLE)
+            self._sends += 1
+            send = staged.rename(staged.with_name(f"send_{self._sends:04d}"))
+        if unsent or send:
+            self._in_flight = self._publisher.submit(self._publish, unsent, send)
+        self._last_flush = time.monotonic()
+
+    def _publish(self, unsent: list[tuple[int, dict[str, float]]], send: Path | None) -> None:
+        """On the publishing thread: the rounds' metrics in one batch (one point per metric and round),
+        then their checkpoints and the client table in one upload."""
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, round_) for round_, values in unsent for k, v in values.items()]
+        for start in range(0, len(metrics), _MLFLOW_METRIC_LIMIT):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + _MLFLOW_METRIC_LIMIT])
+        if send is not None:
+            self._upload_tree(send)
+
+    def _wait_in_flight(self, round_: int) -> None:
+        """Wait for the send in flight; raise `TrackingUnavailable` if it failed."""
+        future, self._in_flight = self._in_flight, None
+        if future is None:
             return
         try:
-            pending.result()
+            future.result()
         except TRACKING_ERRORS as err:
             raise TrackingUnavailable(
                 f"MLflow at {self.tracking_uri} stopped answering ({type(err).__name__}); the run stopped "
@@ -219,14 +258,17 @@ class MlflowCallback(Callback):
         if self.run_id is None or isinstance(error, TrackingUnavailable):
             return  # the server is gone: the run stays RUNNING there and its state is kept locally
         try:
-            self._wait_published(self._last_round)
+            self._flush(self._last_round)
+            self._wait_in_flight(self._last_round)
             if error is not None:
                 self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             if self._last_state is not None and self._uploaded_round != self._last_round:
                 # The last round's checkpoint, whatever the policy: a killed run resumes from there.
-                self._upload_checkpoint(f"round_{self._last_round:04d}", (
-                    self._spec, self._last_state, self._last_round, self._best_round, self._best_value,
-                    self._last_server_state), self._client_rows)
+                if self._local_round != self._last_round:
+                    self._write_local_checkpoint()
+                self._upload_checkpoint(self.state_folder, f"round_{self._last_round:04d}", self._last_round)
+                self.client.log_artifact(self.run_id, str(self.state_folder / os.path.basename(CLIENT_TABLE)),
+                                         os.path.dirname(CLIENT_TABLE))
             if self._best_round:
                 self.client.set_tag(self.run_id, "best_round", str(self._best_round))
             if history.status == "FINISHED":
@@ -255,20 +297,38 @@ class MlflowCallback(Callback):
             csv.writer(file).writerow(CLIENT_COLUMNS)
         (self.state_folder / "metrics.jsonl").write_text("")
 
-    def _upload_checkpoint(self, name: str, checkpoint: tuple, rows: list[list[Any]] | None) -> None:
-        """A round's state as `checkpoints/<name>/`, and the client table up to that round."""
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(Path(folder, "checkpoint"), *checkpoint)
-            self.client.log_artifacts(self.run_id, str(Path(folder, "checkpoint")), f"{CHECKPOINT_DIR}/{name}")
-            if rows is not None:
-                table = Path(folder, os.path.basename(CLIENT_TABLE))
-                with open(table, "w", newline="") as file:
-                    writer = csv.writer(file)
-                    writer.writerow(CLIENT_COLUMNS)
-                    writer.writerows(rows)
-                self.client.log_artifact(self.run_id, str(table), os.path.dirname(CLIENT_TABLE))
+    def _write_local_checkpoint(self) -> None:
+        """The last round's state as this run's local checkpoint (what `_upload_checkpoint` sends)."""
+        write_checkpoint(self.state_folder / "checkpoint", self._spec, self._last_state, self._last_round,
+                         self._best_round, self._best_value, self._last_server_state,
+                         spec_unchanged=self._local_round >= 0)
+        self._local_round = self._last_round
+
+    def _stage_checkpoint(self, name: str) -> None:
+        """The local checkpoint, to be uploaded as `checkpoints/<name>/` with the next send: hard links, as
+        later rounds replace the local files (write beside, rename), never rewrite them."""
+        target = self.state_folder / UNPUBLISHED_DIR / "next" / CHECKPOINT_DIR / name
+        shutil.rmtree(target, ignore_errors=True)  # an earlier "best" of the same send
+        target.mkdir(parents=True)
+        for source in (self.state_folder / "checkpoint").iterdir():
+            try:
+                os.link(source, target / source.name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(source, target / source.name)
+
+    def _upload_tree(self, send: Path) -> None:
+        """A staged send (checkpoints and client table, laid out as the run's artifacts) in one upload."""
+        self.client.log_artifacts(self.run_id, str(send))
+        rounds = [int(p.name.removeprefix("round_")) for p in (send / CHECKPOINT_DIR).glob("round_*")]
+        self._uploaded_round = max([self._uploaded_round, *rounds])
+        shutil.rmtree(send)
+
+    def _upload_checkpoint(self, folder: Path, name: str, round_: int) -> None:
+        """`folder`'s checkpoint (of round `round_`) as `checkpoints/<name>/`: the files as written locally,
+        not serialised a second time."""
+        self.client.log_artifacts(self.run_id, str(folder / "checkpoint"), f"{CHECKPOINT_DIR}/{name}")
         if name != "best":
-            self._uploaded_round = checkpoint[2]
+            self._uploaded_round = max(self._uploaded_round, round_)
 
     def _start_resumed(self, federation: Federation) -> None:
         """Reopen the run: log what only the local state holds, trim the client table to the checkpoint."""
@@ -289,14 +349,16 @@ class MlflowCallback(Callback):
                     entry = json.loads(line)
                     if self._logged_before_resume < entry["round"] <= checkpoint.round:
                         pending.append(entry)
-            self._client_rows = [r for r in self._client_table_rows(local) if int(r[0]) <= checkpoint.round]
+            rows = [r for r in self._client_table_rows(local) if int(r[0]) <= checkpoint.round]
             local.mkdir(parents=True, exist_ok=True)
             with open(local / "client_rounds.csv", "w", newline="") as file:
                 writer = csv.writer(file)
                 writer.writerow(CLIENT_COLUMNS)
-                writer.writerows(self._client_rows)
+                writer.writerows(rows)
             with open(local / "metrics.jsonl", "w") as file:
                 file.writelines(json.dumps(e) + "\n" for e in pending)
+            self._write_local_checkpoint()  # what the next uploads send (it may have come from MLflow)
+            self._restage_unsent(checkpoint, federation.config.checkpoint.every)
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "resumed_from_round", str(checkpoint.round))
             now = _now_ms()
@@ -307,6 +369,26 @@ class MlflowCallback(Callback):
         except TRACKING_ERRORS as err:
             raise TrackingUnavailable(f"MLflow at {self.tracking_uri} cannot reopen run {self.run_id} "
                                       f"({type(err).__name__}: {err}); try again once it answers") from err
+
+    def _restage_unsent(self, checkpoint: Checkpoint, every: int) -> None:
+        """Stage for the first send what a killed run left unsent (oldest first, later rounds' "best"
+        winning), and the checkpoint it resumes from when the policy asks for it and the kill came before
+        it was staged."""
+        unpublished = self.state_folder / UNPUBLISHED_DIR
+        staged = unpublished / "next" / CHECKPOINT_DIR
+        for send in sorted(unpublished.glob("send_*")):
+            for folder in sorted((send / CHECKPOINT_DIR).glob("*")):
+                shutil.rmtree(staged / folder.name, ignore_errors=True)
+                staged.mkdir(parents=True, exist_ok=True)
+                folder.rename(staged / folder.name)
+            shutil.rmtree(send)
+        for folder in list(staged.glob("round_*")):
+            if int(folder.name.removeprefix("round_")) > checkpoint.round:  # cannot happen, but never upload it
+                shutil.rmtree(folder)
+        name = f"round_{checkpoint.round:04d}"
+        if (not checkpoint.is_remote and every and checkpoint.round % every == 0 and not (staged / name).exists()
+                and checkpoint.round not in checkpoint_rounds(self.client, self.run_id)):
+            self._stage_checkpoint(name)
 
     def _client_table_rows(self, local: Path) -> list[list[str]]:
         """The client table so far: the local copy when this machine ran it, else MLflow's."""
@@ -407,9 +489,23 @@ def metric_histories(run_ids: Sequence[str], metrics: Sequence[str],
                      for metric in metrics} for run_id in run_ids}
 
 
+def flush_interval() -> float:
+    """`$WORKBENCH_FLUSH_EVERY_S` (seconds, >= 0) when set, else `FLUSH_EVERY_S`."""
+    value = os.environ.get(FLUSH_ENV, "").strip()
+    if not value:
+        return FLUSH_EVERY_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"{FLUSH_ENV}={value!r} is not a number of seconds >= 0 (how often rounds are sent to "
+                         f"MLflow; 0 = every round); unset it for the default {FLUSH_EVERY_S:g}")
+    return seconds
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
 
 
 # ----- tracking store reachability and local state -----
@@ -465,9 +561,11 @@ def server_state(federation: Federation) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(folder: Path, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], round_: int,
-                     best_round: int, best_value: float, strategy_state: Mapping[str, torch.Tensor]) -> None:
-    """`weights.safetensors` (round and best-so-far in its metadata) and `model.json`; each file is
-    written beside and renamed into place, so a run killed mid-write leaves the previous checkpoint."""
+                     best_round: int, best_value: float, strategy_state: Mapping[str, torch.Tensor], *,
+                     spec_unchanged: bool = False) -> None:
+    """`weights.safetensors` (round and best-so-far in its metadata) and `model.json` (kept as it is when
+    `spec_unchanged` and present); each file is written beside and renamed into place, so a run killed
+    mid-write leaves the previous checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"round": str(round_), "best_round": str(best_round), "best_value": repr(float(best_value)),
                 "spec": json.dumps(dict(spec))}
@@ -477,8 +575,9 @@ def write_checkpoint(folder: Path, spec: Mapping[str, Any], state: Mapping[str, 
     for name, tensors in files.items():
         save_file(tensors, str(folder / f".{name}.tmp"), metadata=metadata)
         os.replace(folder / f".{name}.tmp", folder / name)
-    (folder / ".model.json.tmp").write_text(json.dumps(dict(spec), indent=2))
-    os.replace(folder / ".model.json.tmp", folder / "model.json")
+    if not (spec_unchanged and (folder / "model.json").exists()):
+        (folder / ".model.json.tmp").write_text(json.dumps(dict(spec), indent=2))
+        os.replace(folder / ".model.json.tmp", folder / "model.json")
 
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
@@ -814,8 +913,21 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
         sizes = np.array([len(c) for c in federation.clients], dtype=np.int64)
         joined = np.concatenate(federation.clients).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
         np.savez_compressed(Path(folder, "clients.npz"), indices=joined, sizes=sizes)
+        Path(folder, "heatmap.png").write_bytes(_heatmap_png(summary["partition_hash"], stats.counts))
         client.log_artifacts(run_id, folder, PARTITION_DIR)
-    client.log_figure(run_id, partition_heatmap(stats.counts), f"{PARTITION_DIR}/heatmap.png")
+
+
+@functools.lru_cache(maxsize=8)
+def _heatmap_png_cached(partition_hash: str, counts_bytes: bytes, shape: tuple[int, int]) -> bytes:
+    counts = np.frombuffer(counts_bytes, dtype=np.int64).reshape(shape)
+    return to_png(partition_heatmap(counts), dpi=100)
+
+
+def _heatmap_png(partition_hash: str, counts: np.ndarray) -> bytes:
+    """The partition heatmap as PNG, drawn once per partition in a session: the runs of a comparison or
+    a sweep usually share their partition, and drawing it takes longer than several rounds."""
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    return _heatmap_png_cached(partition_hash, counts.tobytes(), counts.shape)
 
 
 def load_partition(run_id: str, tracking_uri: str | None = None) -> list[np.ndarray]:
