@@ -1,0 +1,182 @@
+"""Safetensors checkpoints and models: writing and reading a run's checkpoints, finding its latest one, and
+rebuilding its global model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from workbench.models import build_model
+from workbench.simulation import Federation
+from workbench.tracking.store import default_state_root, default_tracking_uri
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def model_spec(federation: Federation) -> dict[str, Any]:
+    """What rebuilds the global model's class: its name and shapes."""
+    return {
+        "model": federation.config.model.name,
+        "input_shape": list(federation.dataset.input_shape),
+        "num_classes": federation.dataset.num_classes,
+    }
+
+
+def log_model(client: MlflowClient, run_id: str, federation: Federation) -> None:
+    """The global model's weights as safetensors (no pickled code) plus what rebuilds its class."""
+    spec = model_spec(federation)
+    with tempfile.TemporaryDirectory() as folder:
+        state = {k: v.detach().cpu().contiguous() for k, v in federation.model.state_dict().items()}
+        save_file(state, os.path.join(folder, "weights.safetensors"))
+        Path(folder, "model.json").write_text(json.dumps(spec, indent=2))
+        client.log_artifacts(run_id, folder, MODEL_DIR)
+
+
+def load_model(run_id: str, tracking_uri: str | None = None, round: int | str | None = None) -> nn.Module:
+    """A run's global model, rebuilt as its own class with the logged weights: the final one, the one
+    checkpointed after `round` N, or `round="best"` (highest test accuracy).
+
+    Only safetensors files are read: a pickled checkpoint (which could run code when loaded) is refused.
+    """
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    if round is None:
+        path = MODEL_DIR
+    elif round == "best":
+        path = f"{CHECKPOINT_DIR}/best"
+    elif isinstance(round, int) and not isinstance(round, bool):
+        path = f"{CHECKPOINT_DIR}/round_{round:04d}"
+        available = checkpoint_rounds(client, run_id)
+        if round not in available:
+            raise ValueError(f"round={round} has no checkpoint in run {run_id}; checkpointed rounds: "
+                             f"{available or 'none'} (pick one, or load round='best' or the final model)")
+    else:
+        raise TypeError(f"round must be an int, 'best' or None, got {round!r}")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = Path(client.download_artifacts(run_id, path, folder))
+        except MlflowException as err:
+            raise ValueError(f"run {run_id} has no {path!r} artifacts (a run that did not finish has no "
+                             f"final model: load one of its checkpoints with round=N)") from err
+        spec, state, _ = read_checkpoint(local)
+    return build_ready_model(spec, state)
+
+
+def build_ready_model(spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    model = build_model(spec["model"], tuple(spec["input_shape"]), spec["num_classes"], torch.Generator())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----- checkpoints: safetensors only -----
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state after `round`: all a resume needs (random streams are derived from seed and round)."""
+
+    run_id: str
+    round: int
+    state: dict[str, torch.Tensor]
+    server_state: dict[str, torch.Tensor]
+    best_round: int
+    best_value: float
+    is_remote: bool
+
+
+def server_state(federation: Federation) -> dict[str, torch.Tensor]:
+    """The strategy's own state (server momentum, control variates, ...), for strategies that keep one:
+    they expose `state_dict()` / `load_state_dict()`. FedAvg and FedProx keep none."""
+    state_dict = getattr(federation.strategy, "state_dict", None)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict().items()} if state_dict else {}
+
+
+def write_checkpoint(folder: Path, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], round_: int,
+                     best_round: int, best_value: float, strategy_state: Mapping[str, torch.Tensor], *,
+                     spec_unchanged: bool = False) -> None:
+    """`weights.safetensors` (round and best-so-far in its metadata) and `model.json` (kept as it is when
+    `spec_unchanged` and present); each file is written beside and renamed into place, so a run killed
+    mid-write leaves the previous checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"round": str(round_), "best_round": str(best_round), "best_value": repr(float(best_value)),
+                "spec": json.dumps(dict(spec))}
+    files = {"weights.safetensors": {k: v.contiguous() for k, v in state.items()}}
+    if strategy_state:
+        files["server.safetensors"] = {k: v.contiguous() for k, v in strategy_state.items()}
+    for name, tensors in files.items():
+        save_file(tensors, str(folder / f".{name}.tmp"), metadata=metadata)
+        os.replace(folder / f".{name}.tmp", folder / name)
+    if not (spec_unchanged and (folder / "model.json").exists()):
+        (folder / ".model.json.tmp").write_text(json.dumps(dict(spec), indent=2))
+        os.replace(folder / ".model.json.tmp", folder / "model.json")
+
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """(model spec, weights, metadata) of a checkpoint or model folder; refuses anything but safetensors."""
+    weights = folder / "weights.safetensors"
+    if not weights.exists():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(f"refusing to load {pickles[0]!r} from {folder.name!r}: pickled checkpoints can run "
+                             f"code when loaded; workbench reads only weights.safetensors (re-save the state "
+                             f"with safetensors.torch.save_file)")
+        raise ValueError(f"{folder.name!r} holds no weights.safetensors")
+    try:
+        state = load_file(str(weights))
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{folder.name}/weights.safetensors is not a valid safetensors file ({err}); refusing "
+                         f"to load it any other way") from err
+    spec_file = folder / "model.json"
+    spec = json.loads(spec_file.read_text()) if spec_file.exists() else json.loads(metadata.get("spec", "{}"))
+    if not {"model", "input_shape", "num_classes"} <= set(spec):
+        raise ValueError(f"{folder.name} has no model spec (model.json with model, input_shape, num_classes)")
+    return spec, state, metadata
+
+
+def checkpoint_rounds(client: MlflowClient, run_id: str) -> list[int]:
+    """The rounds whose checkpoint a run logged to MLflow, in order."""
+    names = [Path(a.path).name for a in client.list_artifacts(run_id, CHECKPOINT_DIR) if a.is_dir]
+    return sorted(int(n.removeprefix("round_")) for n in names if re.fullmatch(r"round_\d+", n))
+
+
+def _checkpoint_from(folder: Path, run_id: str, is_remote: bool) -> Checkpoint:
+    _, state, metadata = read_checkpoint(folder)
+    server_file = folder / "server.safetensors"
+    return Checkpoint(run_id, int(metadata["round"]), state,
+                      load_file(str(server_file)) if server_file.exists() else {},
+                      int(metadata.get("best_round", 0)), float(metadata.get("best_value", "-inf")), is_remote)
+
+
+def latest_checkpoint(run_id: str, tracking_uri: str | None = None,
+                      state_dir: str | Path | None = None) -> Checkpoint | None:
+    """The newest checkpoint of a run: this machine's local state or MLflow's, whichever is later."""
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    candidates = []
+    local = Path(state_dir or default_state_root()) / run_id / "checkpoint"
+    if (local / "weights.safetensors").exists():
+        candidates.append(_checkpoint_from(local, run_id, is_remote=False))
+    rounds = checkpoint_rounds(client, run_id)
+    if rounds and (not candidates or rounds[-1] >= candidates[0].round):
+        with tempfile.TemporaryDirectory() as folder:
+            path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/round_{rounds[-1]:04d}", folder)
+            candidates.append(_checkpoint_from(Path(path), run_id, is_remote=True))
+    return max(candidates, key=lambda c: (c.round, c.is_remote), default=None)

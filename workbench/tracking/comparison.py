@@ -1,0 +1,124 @@
+"""Comparison of finished runs, grouped by the config keys they vary: a table, learning curves and a figure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from workbench.config import knobs
+from workbench.plots import comparison_figure
+from workbench.tracking.store import default_tracking_uri
+
+#: Tag of a sweep's parent run; its children carry `mlflow.parentRunId`, `sweep_id` and `sweep_group`.
+SWEEP_PARENT_TAG = "workbench.sweep"
+
+
+@dataclass
+class Comparison:
+    """Runs grouped by the config keys they vary: one table row and one curve per group."""
+
+    table: "pandas.DataFrame"  # noqa: F821 - pandas comes with mlflow
+    figure: Figure
+    metric: str
+    target: float
+    varied_keys: tuple[str, ...]
+    #: group -> run id -> [(round, value), ...]
+    curves: dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def compare(experiment: str, tracking_uri: str | None = None, metric: str = "test_accuracy", *,
+            sweep_id: str | None = None, target: float | None = None) -> Comparison:
+    """Compare the finished runs of an experiment (or of one sweep): group them by the config keys whose
+    values differ (seeds are averaged over), and return a table (final value mean ± std, best value, rounds
+    to reach `target`) and a figure (learning curves mean ± std, final values).
+
+    Without `target`, it is the final mean of the weakest group: the level every group ends up reaching,
+    so 'rounds to target' says which gets there first. Lower is better for metrics named `*loss*`.
+    """
+    import pandas
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})")
+    runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
+            if r.data.tags.get(SWEEP_PARENT_TAG) != "parent"
+            and (sweep_id is None or r.data.tags.get("sweep_id") == sweep_id)]
+    if not runs:
+        where = f"sweep {sweep_id}" if sweep_id else f"experiment {experiment!r}"
+        raise ValueError(f"{where} has no FINISHED runs to compare (run some with workbench run / sweep)")
+    config_keys = [k.key for k in knobs() if k.key != "seed"]
+    varied = tuple(k for k in config_keys if len({r.data.params.get(k) for r in runs}) > 1)
+    groups: dict[str, list] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        label = ", ".join(f"{k}={r.data.params.get(k)}" for k in varied) or "all runs"
+        groups.setdefault(label, []).append(r)
+    curves = {label: {r.info.run_id: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, metric)
+                                            if m.step > 0) for r in members}
+              for label, members in groups.items()}
+    curves = {label: {run_id: points for run_id, points in series.items() if points} for label, series in curves.items()}
+    curves = {label: series for label, series in curves.items() if series}
+    if not curves:
+        raise ValueError(f"no run in {experiment!r} logged metric {metric!r} (try --metric test_accuracy)")
+    higher_is_better = "loss" not in metric
+    finals = {label: [points[-1][1] for points in series.values()] for label, series in curves.items()}
+    if target is None:
+        means = [float(np.mean(v)) for v in finals.values()]
+        target = min(means) if higher_is_better else max(means)
+    rows, mean_curves, final_stats = [], {}, {}
+    for label, series in curves.items():
+        members = {r.info.run_id: r for r in groups[label]}
+        reached = [rounds_to_reach(points, target, higher_is_better) for points in series.values()]
+        hits = [r for r in reached if r is not None]
+        best = [max(v for _, v in p) if higher_is_better else min(v for _, v in p) for p in series.values()]
+        final_mean, final_std = mean_std(finals[label])
+        final_stats[label] = (final_mean, final_std)
+        mean_curves[label] = mean_curve(list(series.values()))
+        first = next(iter(members.values()))
+        rows.append({"group": label, **{k: first.data.params.get(k) for k in varied},
+                     "num_runs": len(series),
+                     "seeds": ",".join(sorted((members[i].data.params.get("seed", "?") for i in series), key=str)),
+                     f"final_{metric}_mean": final_mean, f"final_{metric}_std": final_std,
+                     f"best_{metric}_mean": float(np.mean(best)),
+                     "rounds_to_target_mean": float(np.mean(hits)) if hits else math.nan,
+                     "reached_target": f"{len(hits)}/{len(reached)}"})
+    table = pandas.DataFrame(rows)
+    table.attrs.update(metric=metric, target=target)
+    figure = comparison_figure(mean_curves, final_stats, metric, target)
+    return Comparison(table, figure, metric, float(target), varied, curves)
+
+
+def rounds_to_reach(points: Sequence[tuple[int, float]], target: float, higher_is_better: bool = True) -> int | None:
+    """The first round whose value reaches `target` (>= it, or <= for a loss), else None."""
+    for round_, value in points:
+        if (value >= target) if higher_is_better else (value <= target):
+            return round_
+    return None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def mean_curve(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
+    """(rounds, mean, std) over runs, at the rounds every run logged."""
+    common = sorted(set.intersection(*(set(r for r, _ in points) for points in series)))
+    lookup = [dict(points) for points in series]
+    stats = [mean_std([values[r] for values in lookup]) for r in common]
+    return common, [m for m, _ in stats], [s for _, s in stats]
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """The comparison table as aligned text, with its target stated."""
+    table = comparison.table.drop(columns=list(comparison.varied_keys))
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    better = "<=" if "loss" in comparison.metric else ">="
+    return f"{text}\n(rounds_to_target: first round with {comparison.metric} {better} {comparison.target:.4f})"
