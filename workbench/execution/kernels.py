@@ -76,9 +76,9 @@ def train_chain_locally(
                 b.add_(delta.sum(0), alpha=-lr)
                 delta = below
         total_loss -= torch.vdot(log_probs.flatten(), targets_all.flatten())
-    state = {k: v.detach().clone() for k, v in global_state.items()}
-    for prefix, w, b in zip(chain, weights, biases):
-        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = w, b
+    trained = {k: v for prefix, w, b in zip(chain, weights, biases)
+               for k, v in ((f"{prefix}.weight", w), (f"{prefix}.bias", b))}
+    state = {k: trained[k] if k in trained else v.detach().clone() for k, v in global_state.items()}
     return state, float(total_loss) / (num_samples * num_epochs)
 
 

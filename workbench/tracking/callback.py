@@ -73,7 +73,6 @@ class MlflowCallback(Callback):
         self._uploaded_round = -1
         self._spec: dict[str, Any] = {}
         self._last_server_state: dict[str, torch.Tensor] = {}
-        self._local_round = -1  # the round whose checkpoint the local state folder holds
         self._logged_before_resume = 0
         self.flush_every_s = flush_every_s if flush_every_s is not None else flush_interval()
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-publish")
@@ -205,10 +204,10 @@ class MlflowCallback(Callback):
             if error is not None:
                 self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             if self._last_state is not None and self._uploaded_round != self._last_round:
-                # The last round's checkpoint, whatever the policy: a killed run resumes from there.
-                if self._local_round != self._last_round:
-                    self._write_local_checkpoint()
-                self._upload_checkpoint(self.state_folder, f"round_{self._last_round:04d}", self._last_round)
+                # The last round's checkpoint, whatever the policy: a killed run resumes from there. The
+                # local one holds it (every round and every resume writes it), as written, with its table.
+                self.client.log_artifacts(self.run_id, str(self.state_folder / "checkpoint"),
+                                          f"{CHECKPOINT_DIR}/round_{self._last_round:04d}")
                 self.client.log_artifact(self.run_id, str(self.state_folder / os.path.basename(CLIENT_TABLE)),
                                          os.path.dirname(CLIENT_TABLE))
             if self._best_round:
@@ -240,11 +239,10 @@ class MlflowCallback(Callback):
         (self.state_folder / "metrics.jsonl").write_text("")
 
     def _write_local_checkpoint(self) -> None:
-        """The last round's state as this run's local checkpoint (what `_upload_checkpoint` sends)."""
+        """The last round's state as this run's local checkpoint (what staged and final uploads send);
+        model.json once per run folder."""
         write_checkpoint(self.state_folder / "checkpoint", self._spec, self._last_state, self._last_round,
-                         self._best_round, self._best_value, self._last_server_state,
-                         spec_unchanged=self._local_round >= 0)
-        self._local_round = self._last_round
+                         self._best_round, self._best_value, self._last_server_state, spec_unchanged=True)
 
     def _stage_checkpoint(self, name: str) -> None:
         """The local checkpoint, to be uploaded as `checkpoints/<name>/` with the next send: hard links, as
@@ -264,13 +262,6 @@ class MlflowCallback(Callback):
         rounds = [int(p.name.removeprefix("round_")) for p in (send / CHECKPOINT_DIR).glob("round_*")]
         self._uploaded_round = max([self._uploaded_round, *rounds])
         shutil.rmtree(send)
-
-    def _upload_checkpoint(self, folder: Path, name: str, round_: int) -> None:
-        """`folder`'s checkpoint (of round `round_`) as `checkpoints/<name>/`: the files as written locally,
-        not serialised a second time."""
-        self.client.log_artifacts(self.run_id, str(folder / "checkpoint"), f"{CHECKPOINT_DIR}/{name}")
-        if name != "best":
-            self._uploaded_round = max(self._uploaded_round, round_)
 
     def _start_resumed(self, federation: Federation) -> None:
         """Reopen the run: log what only the local state holds, trim the client table to the checkpoint."""
@@ -303,11 +294,8 @@ class MlflowCallback(Callback):
             self._restage_unsent(checkpoint, federation.config.checkpoint.every)
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "resumed_from_round", str(checkpoint.round))
-            now = _now_ms()
-            for entry in pending:
-                self.client.log_batch(self.run_id, metrics=[
-                    Metric(k, float(v), now, entry["round"]) for k, v in entry["metrics"].items()])
-                self._logged_before_resume = max(self._logged_before_resume, entry["round"])
+            self._publish([(entry["round"], entry["metrics"]) for entry in pending], None)
+            self._logged_before_resume = max([self._logged_before_resume, *(e["round"] for e in pending)])
         except TRACKING_ERRORS as err:
             raise TrackingUnavailable(f"MLflow at {self.tracking_uri} cannot reopen run {self.run_id} "
                                       f"({type(err).__name__}: {err}); try again once it answers") from err

@@ -58,21 +58,21 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
         sizes = np.array([len(c) for c in federation.clients], dtype=np.int64)
         joined = np.concatenate(federation.clients).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
         np.savez_compressed(Path(folder, "clients.npz"), indices=joined, sizes=sizes)
-        Path(folder, "heatmap.png").write_bytes(_heatmap_png(summary["partition_hash"], stats.counts))
+        Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts))
         client.log_artifacts(run_id, folder, PARTITION_DIR)
 
 
 @functools.lru_cache(maxsize=8)
-def _heatmap_png_cached(partition_hash: str, counts_bytes: bytes, shape: tuple[int, int]) -> bytes:
+def _heatmap_png_cached(counts_bytes: bytes, shape: tuple[int, int]) -> bytes:
     counts = np.frombuffer(counts_bytes, dtype=np.int64).reshape(shape)
     return to_png(partition_heatmap(counts), dpi=100)
 
 
-def _heatmap_png(partition_hash: str, counts: np.ndarray) -> bytes:
+def _heatmap_png(counts: np.ndarray) -> bytes:
     """The partition heatmap as PNG, drawn once per partition in a session: the runs of a comparison or
     a sweep usually share their partition, and drawing it takes longer than several rounds."""
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    return _heatmap_png_cached(partition_hash, counts.tobytes(), counts.shape)
+    return _heatmap_png_cached(counts.tobytes(), counts.shape)
 
 
 def load_partition(run_id: str, tracking_uri: str | None = None) -> list[np.ndarray]:
