@@ -188,6 +188,33 @@ def test_failed_run_ends_failed_and_resumes_to_the_uninterrupted_result(config, 
     assert "no MLflow run" in capsys.readouterr().err
 
 
+def test_checkpoint_upload_cut_short_is_skipped_by_resume(config, tracking_uri, tmp_path):
+    # A hard kill in the middle of an upload can leave a checkpoint folder in MLflow without its weights:
+    # resume (here without local state, as on another machine) starts from the newest whole one.
+    class CrashAtRound3(Callback):
+        def on_round_end(self, result, federation):
+            if result.round == 3:
+                raise RuntimeError("power cut")
+
+    tracker = MlflowCallback(tracking_uri, experiment="cut")
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(config, [tracker, CrashAtRound3()])
+    client = MlflowClient(tracking_uri)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model.json").write_text('{"model": "logreg", "input_shape": [60], "num_classes": 10}')
+    client.log_artifacts(tracker.run_id, str(partial), "checkpoints/round_0004")
+    shutil.rmtree(tmp_path / "run-state" / tracker.run_id)
+
+    history = resume(tracker.run_id, tracking_uri)
+    assert history.status == "FINISHED"
+    assert client.get_run(tracker.run_id).data.tags["resumed_from_round"] == "3"
+    reference = prepare(config)
+    expected = run(reference, [])
+    assert_one_point_per_round(client, tracker.run_id, 6, expected)
+    assert_same_model(load_model(tracker.run_id, tracking_uri), reference.model)
+
+
 class RunsCode:
     """A pickle payload that creates a file when unpickled."""
 

@@ -174,9 +174,15 @@ def latest_checkpoint(run_id: str, tracking_uri: str | None = None,
     local = Path(state_dir or default_state_root()) / run_id / "checkpoint"
     if (local / "weights.safetensors").exists():
         candidates.append(_checkpoint_from(local, run_id, is_remote=False))
-    rounds = checkpoint_rounds(client, run_id)
-    if rounds and (not candidates or rounds[-1] >= candidates[0].round):
+    for round_ in reversed(checkpoint_rounds(client, run_id)):
+        if candidates and round_ < candidates[0].round:
+            break
+        name = f"{CHECKPOINT_DIR}/round_{round_:04d}"
+        files = [Path(a.path).name for a in client.list_artifacts(run_id, name)]
+        if "weights.safetensors" not in files and not any(f.endswith(_PICKLE_SUFFIXES) for f in files):
+            continue  # an upload that a hard kill cut short; anything else is read (and refused if unsafe)
         with tempfile.TemporaryDirectory() as folder:
-            path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/round_{rounds[-1]:04d}", folder)
-            candidates.append(_checkpoint_from(Path(path), run_id, is_remote=True))
+            candidates.append(_checkpoint_from(Path(client.download_artifacts(run_id, name, folder)), run_id,
+                                               is_remote=True))
+        break
     return max(candidates, key=lambda c: (c.round, c.is_remote), default=None)
