@@ -15,7 +15,7 @@ from workbench.tracking.resuming import config_from_params, resume
 from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKING_ERRORS, TrackingUnavailable,
                                       check_tracking_uri, default_state_root, default_tracking_uri, final_metrics,
                                       get_or_create_experiment, list_runs, local_store_uri, metric_histories,
-                                      ui_command)
+                                      open_client, ui_command)
 from workbench.tracking.sweeps import Sweep, sweep, sweep_configs
 
 __all__ = ["CHECKPOINT_DIR", "CLIENT_COLUMNS", "CLIENT_TABLE", "DEFAULT_EXPERIMENT", "FLUSH_ENV", "FLUSH_EVERY_S",
@@ -24,6 +24,6 @@ __all__ = ["CHECKPOINT_DIR", "CLIENT_COLUMNS", "CLIENT_TABLE", "DEFAULT_EXPERIME
            "check_tracking_uri", "checkpoint_rounds", "client_rows", "compare", "config_from_params",
            "default_state_root", "default_tracking_uri", "final_metrics", "flush_interval", "format_comparison",
            "get_or_create_experiment", "latest_checkpoint", "list_runs", "load_model", "load_partition",
-           "local_store_uri", "log_model", "log_partition", "mean_curve", "mean_std", "metric_histories",
+           "local_store_uri", "log_model", "log_partition", "mean_curve", "mean_std", "metric_histories", "open_client",
            "model_spec", "read_checkpoint", "resume", "rounds_to_reach", "server_state", "sweep", "sweep_configs",
            "ui_command", "write_checkpoint"]

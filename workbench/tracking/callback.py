@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from workbench.partition import partition_hash
 from workbench.simulation import Callback, Federation, History, RoundResult
@@ -25,7 +24,7 @@ from workbench.tracking.checkpoints import (CHECKPOINT_DIR, Checkpoint, checkpoi
 from workbench.tracking.record import CLIENT_COLUMNS, CLIENT_TABLE, client_rows, log_partition
 from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKING_ERRORS, TrackingUnavailable, _now_ms,
                                       check_tracking_uri, default_state_root, default_tracking_uri,
-                                      get_or_create_experiment)
+                                      get_or_create_experiment, open_client)
 
 #: Rounds that end less than this many seconds after the last send to MLflow wait and go with the next
 #: one: a store write costs 10-20 ms of CPU, as much as a whole round of a small model. Every metric
@@ -64,7 +63,7 @@ class MlflowCallback(Callback):
         if parent_run_id:
             self.extra_tags["mlflow.parentRunId"] = parent_run_id
         self.state_root = Path(state_dir or os.environ.get(STATE_DIR_ENV) or default_state_root())
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = open_client(self.tracking_uri)
         self.run_id: str | None = None
         self._resume_from: Checkpoint | None = None
         self._last_round = 0

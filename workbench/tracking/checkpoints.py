@@ -20,7 +20,7 @@ from torch import nn
 
 from workbench.models import build_model
 from workbench.simulation import Federation
-from workbench.tracking.store import default_state_root, default_tracking_uri
+from workbench.tracking.store import default_state_root, open_client
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -51,7 +51,7 @@ def load_model(run_id: str, tracking_uri: str | None = None, round: int | str | 
 
     Only safetensors files are read: a pickled checkpoint (which could run code when loaded) is refused.
     """
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     if round is None:
         path = MODEL_DIR
     elif round == "best":
@@ -169,7 +169,7 @@ def _checkpoint_from(folder: Path, run_id: str, is_remote: bool) -> Checkpoint:
 def latest_checkpoint(run_id: str, tracking_uri: str | None = None,
                       state_dir: str | Path | None = None) -> Checkpoint | None:
     """The newest checkpoint of a run: this machine's local state or MLflow's, whichever is later."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     candidates = []
     local = Path(state_dir or default_state_root()) / run_id / "checkpoint"
     if (local / "weights.safetensors").exists():

@@ -8,11 +8,10 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
 from workbench.config import knobs
 from workbench.plots import comparison_figure
-from workbench.tracking.store import default_tracking_uri
+from workbench.tracking.store import open_client
 
 #: Tag of a sweep's parent run; its children carry `mlflow.parentRunId`, `sweep_id` and `sweep_group`.
 SWEEP_PARENT_TAG = "workbench.sweep"
@@ -42,7 +41,7 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
     """
     import pandas
 
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from workbench.partition import describe, partition_hash
 from workbench.plots import partition_heatmap, to_png
 from workbench.simulation import Federation, RoundResult
-from workbench.tracking.store import default_tracking_uri
+from workbench.tracking.store import open_client
 
 CLIENT_TABLE = "clients/client_rounds.csv"
 CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "is_partial", "train_loss",
@@ -77,7 +77,7 @@ def _heatmap_png(counts: np.ndarray) -> bytes:
 
 def load_partition(run_id: str, tracking_uri: str | None = None) -> list[np.ndarray]:
     """The client index arrays a run trained on, as logged by `log_partition`."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(client.download_artifacts(run_id, f"{PARTITION_DIR}/clients.npz", folder))
         with np.load(local) as arrays:

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from workbench.config import ExperimentConfig, knobs
 from workbench.execution import Executor
 from workbench.simulation import Callback, History, prepare, run
 from workbench.tracking.callback import MlflowCallback
 from workbench.tracking.checkpoints import Checkpoint, latest_checkpoint
-from workbench.tracking.store import check_tracking_uri, default_tracking_uri
+from workbench.tracking.store import check_tracking_uri, default_tracking_uri, open_client
 
 def config_from_params(params: Mapping[str, str]) -> ExperimentConfig:
     """The config a run logged as params (keys it lacks, from older versions, take their defaults)."""
@@ -34,7 +33,7 @@ def resume(run_id: str, tracking_uri: str | None = None, callbacks: Sequence[Cal
     """
     tracking_uri = tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     try:
         logged = client.get_run(run_id)
     except MlflowException as err:

@@ -3,15 +3,23 @@ over logged runs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; MLflow's own behaviour, unserialized
+    fcntl = None
 
 DEFAULT_EXPERIMENT = "workbench"
 #: Where a run keeps its state on this machine until MLflow has all of it (overridable per call).
@@ -46,29 +54,125 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
+#: The URI schemes of MLflow's SQLAlchemy store (opened by this process: `_opened_stores`).
+_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+_opened_stores: set[str] = set()
+_opening = threading.Lock()  # also keeps two threads from raising and restoring the loggers' levels at once
+#: MLflow's loggers that report a new store's table creation and migrations at INFO.
+_STORE_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
+def open_client(tracking_uri: str | None = None) -> MlflowClient:
+    """An `MlflowClient` on the store, opened so that any number of processes may open it at once.
+
+    The first open of a SQLite store in a process (MLflow creates its tables and runs its schema migrations
+    there when the database is new) happens under `_store_lock`: two processes migrating one database at once
+    fail (`duplicate column name`). Its INFO lines about creating and upgrading tables are dropped; warnings
+    and errors are not.
+    """
+    tracking_uri = tracking_uri or default_tracking_uri()
+    if tracking_uri in _opened_stores or tracking_uri.split(":", 1)[0].split("+", 1)[0] not in _DATABASES:
+        return MlflowClient(tracking_uri)  # MLflow keeps each URI's store; a server's client opens nothing
+    with _opening, _quiet_store_setup():
+        # The store's modules take most of a second to import: import them before waiting for the lock, so
+        # that each process holds it only for the database work (tens of ms on a migrated store).
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        with _store_lock(tracking_uri):
+            client = MlflowClient(tracking_uri)
+            if tracking_uri not in _opened_stores:
+                client.search_experiments(max_results=1)  # the store is built now, were the client ever lazy
+                _opened_stores.add(tracking_uri)
+    return client
+
+
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive lock on a SQLite store, across processes and threads: `flock` on `<database>.lock` beside
+    the database. A no-op for other stores."""
+    path, file = _sqlite_path(tracking_uri), None
+    if path is not None and fcntl is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(path.with_name(path.name + ".lock"), "a")
+        except OSError:  # a store this user may only read: no migration or creation of ours to serialize
+            pass
+    if file is None:
+        yield
+        return
+    # flock belongs to the open file, not the process: threads that each open the file exclude each other
+    with file:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI; None for other stores and in-memory SQLite."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def _quiet_store_setup() -> Iterator[None]:
+    """MLflow's INFO lines about a new store's tables (noise in a notebook's output) dropped while the store
+    opens; its warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in _STORE_SETUP_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def get_or_create_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # A SQLite store's default artifact root is ./mlartifacts of whatever the current folder is;
-        # keep the artifacts beside the database instead, so the store is one self-contained folder.
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
-        artifact_location = (folder / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)).as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    """The id of the experiment `name`, created when missing; safe when many processes call it at once."""
+    with _store_lock(tracking_uri):  # on SQLite no two workbench processes even try to create it together
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:///"):
+            # A SQLite store's default artifact root is ./mlartifacts of whatever the current folder is;
+            # keep the artifacts beside the database instead, so the store is one self-contained folder.
+            folder = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+            artifact_location = (folder / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:
+            # Another process (a server's other client, or one that does not take the lock) created it
+            # between the lookup and the creation: take that one.
+            experiment = client.get_experiment_by_name(name) if _is_already_exists(err) else None
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+def _is_already_exists(err: MlflowException) -> bool:
+    """Whether a failed creation says the name is taken: MLflow's own code, or the database's unique
+    constraint as MLflow passes it on (a server reports an IntegrityError raised at commit as BAD_REQUEST)."""
+    text = str(err)
+    return (err.error_code == "RESOURCE_ALREADY_EXISTS" or "IntegrityError" in text
+            or any(words in text.lower() for words in ("unique constraint", "duplicate key", "duplicate entry")))
 
 
 def final_metrics(run_ids: Sequence[str], tracking_uri: str | None = None) -> dict[str, dict[str, float]]:
     """Each run's latest value of every metric it logged, keyed by run id."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     return {run_id: dict(client.get_run(run_id).data.metrics) for run_id in run_ids}
 
 
 def list_runs(experiment: str, tracking_uri: str | None = None, max_results: int = 200) -> list[dict[str, Any]]:
     """The runs of an experiment, newest first: id, name, status, tags, latest metrics, rounds logged
     (an experiment that does not exist has no runs)."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -86,7 +190,7 @@ def metric_histories(run_ids: Sequence[str], metrics: Sequence[str],
                      tracking_uri: str | None = None) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """`[run_id][metric] = [(round, value), ...]` in round order, from MLflow's metric histories (the
     shape `plots.learning_curves` takes)."""
-    client = MlflowClient(tracking_uri or default_tracking_uri())
+    client = open_client(tracking_uri)
     return {run_id: {metric: sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
                      for metric in metrics} for run_id in run_ids}
 

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
 
 from workbench.config import ExperimentConfig
 from workbench.simulation import Callback, prepare, run
 from workbench.tracking.callback import _MLFLOW_PARAM_LIMIT, MlflowCallback
 from workbench.tracking.comparison import SWEEP_PARENT_TAG, compare
 from workbench.tracking.store import (TrackingUnavailable, check_tracking_uri, default_tracking_uri,
-                                      get_or_create_experiment)
+                                      get_or_create_experiment, open_client)
 
 @dataclass(frozen=True)
 class Sweep:
@@ -59,7 +58,7 @@ def sweep(base: ExperimentConfig, grid: Mapping[str, Sequence[Any]], seeds: Sequ
     tracking_uri = tracking_uri or default_tracking_uri()
     points = sweep_configs(base, grid, seeds)
     check_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
     keys = ",".join(grid) or "seeds"
     parent = client.create_run(experiment_id, run_name=f"sweep {keys} x{len(seeds)} seeds",
