@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from workbench.cli import main
 from workbench.config import PARTITION_SCHEMES, ExperimentConfig, PartitionConfig
 from workbench.partition import (apply_feature_skew, count_matrix, describe, gini, knobs_in_use, label_skew,
-                                 partition, partition_hash, rotate_images, stats_from_counts, summarize)
+                                 partition, partition_hash, partition_test_by_labels, rotate_images,
+                                 stats_from_counts, summarize)
 from workbench.simulation import prepare, run
 from workbench.tracking import MlflowCallback, load_partition
 
@@ -99,12 +100,34 @@ def test_mean_heterogeneity_decreases_as_alpha_grows(seed, num_clients):
     summaries = [summarize(labels, partition(labels, num_clients, config_of("dirichlet", alpha=alpha),
                                              np.random.default_rng(seed)), 10)
                  for alpha in (0.01, 0.1, 1.0, 10.0, 1000.0)]
-    for metric in ("label_tv_mean", "label_js_mean", "label_emd_mean", "classes_missing_mean"):
+    for metric in ("label_tv_mean", "label_js_mean", "classes_missing_mean"):
         values = [s[metric] for s in summaries]
         assert values == sorted(values, reverse=True), (metric, values)
     effective = [s["effective_classes_mean"] for s in summaries]
     assert effective == sorted(effective)
     assert summaries[0]["label_tv_mean"] > 0.8 and summaries[-1]["label_tv_mean"] < 0.1
+
+
+def test_dirichlet_skew_at_fixed_alpha_has_its_expected_value():
+    # Each class is split by shares s ~ Dir(alpha * 1_N) (Hsu et al. 2019), so that E[sum_k s_k^2] =
+    # (alpha + 1) / (N alpha + 1) (the Dirichlet's second moment), and the expected mean total variation
+    # is what shares drawn directly from numpy's Dirichlet give (Monte Carlo, independent of `partition`).
+    # Getting alpha wrong by 2x either way (e.g. alpha / N per client) moves both far outside the bounds.
+    num_clients, num_classes, per_class, alpha = 20, 10, 3000, 0.5
+    labels = np.repeat(np.arange(num_classes), per_class)
+    concentration, tv = [], []
+    for seed in range(10):
+        parts = partition(labels, num_clients, config_of("dirichlet", alpha=alpha), np.random.default_rng(seed))
+        shares = count_matrix(labels, parts, num_classes) / per_class
+        concentration += list((shares ** 2).sum(axis=0))
+        tv.append(summarize(labels, parts, num_classes)["label_tv_mean"])
+    assert np.mean(concentration) == pytest.approx((alpha + 1) / (num_clients * alpha + 1), abs=0.015)
+    rng = np.random.default_rng(12345)
+    drawn = rng.dirichlet(np.full(num_clients, alpha), size=(4000, num_classes))  # draw x class x client
+    local = np.swapaxes(drawn, 1, 2) / np.swapaxes(drawn, 1, 2).sum(axis=2, keepdims=True)
+    expected_tv = float((0.5 * np.abs(local - 1 / num_classes).sum(axis=2)).mean())
+    assert expected_tv == pytest.approx(0.448, abs=0.005)
+    assert np.mean(tv) == pytest.approx(expected_tv, abs=0.03)
 
 
 def test_tiny_alpha_many_clients_terminates_with_no_empty_client():
@@ -241,14 +264,14 @@ def test_statistics_of_known_partitions():
     assert np.allclose(stats.tv, 0.5)
     # Reference values computed by hand: p = (1, 0), q = (1/2, 1/2), m = (3/4, 1/4).
     js = 0.5 * (1 * math.log2(1 / 0.75)) + 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25))
-    assert np.allclose(stats.js, js) and np.allclose(stats.emd, 1.0)
+    assert np.allclose(stats.js, js)
     assert np.allclose(stats.effective_classes, 1.0) and np.all(stats.missing_classes == 1)
     iid = stats_from_counts(np.full((4, 5), 7))
     assert np.allclose(iid.tv, 0) and np.allclose(iid.js, 0) and np.allclose(iid.effective_classes, 5)
     assert gini([3, 3, 3]) == pytest.approx(0.0) and gini([0, 0, 0, 8]) == pytest.approx(0.75)
     summary = stats.summary()
     assert summary["classes_missing_mean"] == 1 and summary["size_gini"] == pytest.approx(0.0)
-    assert summary["label_emd_max"] == pytest.approx(1.0)
+    assert summary["label_tv_max"] == pytest.approx(0.5) and not any("emd" in key for key in summary)
     with pytest.raises(ValueError, match=r"labels must lie in 0..5 for num_classes=6, got 0..6"):
         count_matrix(np.array([0, 6]), [np.array([0, 1])], 6)  # would spill into the next client's row
 
@@ -285,6 +308,42 @@ def test_knobs_in_use_follow_the_scheme():
     assert "partition.quantity_sigma" in knobs_in_use(config_of("quantity", quantity_distribution="lognormal"))
     mixed = knobs_in_use(config_of("mixture", mixture_skew="shards"))
     assert {"partition.iid_fraction", "partition.mixture_skew", "partition.shards_per_client"} <= mixed
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_train=st.integers(50, 3000), test_fraction=st.floats(0.05, 0.6), num_clients=st.integers(1, 40),
+       num_classes=st.integers(1, 10), alpha=st.floats(0.05, 10.0), seed=st.integers(0, 2**32 - 1))
+def test_each_clients_test_set_follows_its_own_training_labels(num_train, test_fraction, num_clients, num_classes,
+                                                              alpha, seed):
+    rng = np.random.default_rng(seed)
+    labels = labels_of(num_train, num_classes, seed)
+    test_labels = labels_of(max(1, int(test_fraction * num_train)), num_classes, seed + 1)
+    try:
+        parts = partition(labels, num_clients, config_of("dirichlet", alpha=alpha), rng)
+    except ValueError:
+        return  # more clients than samples: refused, tested above
+    tests = partition_test_by_labels(labels, parts, test_labels, np.random.default_rng(seed))
+    assert len(tests) == num_clients
+    assert all(t.dtype.kind == "i" and np.all(np.diff(t) > 0) for t in tests)
+    train_counts = count_matrix(labels, parts, num_classes)
+    test_counts = count_matrix(test_labels, tests, num_classes)
+    class_train, class_test = train_counts.sum(axis=0), np.bincount(test_labels, minlength=num_classes)
+    # never a class the client does not train on
+    assert np.all(test_counts[train_counts == 0] == 0)
+    # every client gets a test set unless none of its classes is in the test pool
+    has_pool = (train_counts * (class_test > 0)).sum(axis=1) > 0
+    sizes = np.array([len(t) for t in tests])
+    assert np.all(sizes[has_pool] >= 1) and np.all(sizes[~has_pool] == 0)
+    # in proportion to the client's training samples of each class: within one sample of the exact share
+    # (a client whose shares all round to zero is topped up with one sample of a class it holds: still so)
+    exact = class_test[None, :] * train_counts / np.maximum(class_train, 1)[None, :]
+    assert np.all(np.abs(test_counts - exact) < 1)
+    # disjoint but for those top-ups, and every test sample of a class that some client trains on is used
+    joined = np.concatenate(tests)
+    assert len(joined) - len(np.unique(joined)) <= int(np.sum(exact.max(axis=1) < 1))
+    assert set(np.flatnonzero(class_train[test_labels] > 0)) <= set(joined.tolist())
+    again = partition_test_by_labels(labels, parts, test_labels, np.random.default_rng(seed))
+    assert all(np.array_equal(a, b) for a, b in zip(tests, again))
 
 
 def test_natural_needs_a_dataset_with_clients():
@@ -331,7 +390,14 @@ def test_runs_record_their_partition_in_mlflow(tiny_config, tracking_uri):
     assert summary["partition_hash"] == digest and summary["scheme"] == "dirichlet"
     rows = np.loadtxt(f"{folder}/counts.csv", delimiter=",", skiprows=1, dtype=int)
     labels = federations[0].dataset.y_train.cpu().numpy()
-    assert np.array_equal(rows[:, 1:-1], count_matrix(labels, federations[0].clients, 10))
+    assert np.array_equal(rows[:, 1:-2], count_matrix(labels, federations[0].clients, 10))
+    assert np.array_equal(rows[:, -2], [len(c) for c in federations[0].clients])
+    # each client's own test set, recorded beside its training samples
+    tests = federations[0].client_tests
+    assert summary["client_test_rule"] == tests.rule == "labels"
+    assert np.array_equal(rows[:, -1], tests.sizes) and tests.sizes.min() >= 1
+    restored_tests = load_partition(trackers[0].run_id, tracking_uri, split="test")
+    assert len(restored_tests) == 8 and all(np.array_equal(a, b) for a, b in zip(restored_tests, tests.indices))
     # Runs that differ only in the algorithm share the partition, and the hash finds them.
     found = client.search_runs([logged.info.experiment_id], f"tags.partition_hash = '{digest}'")
     assert {r.info.run_id for r in found} == {t.run_id for t in trackers}

@@ -1,8 +1,15 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from workbench.simulation import Callback, prepare, run, sample_round
+from workbench.client import train_locally
+from workbench.config import ExperimentConfig
+from workbench.execution import SequentialExecutor
+from workbench.simulation import (STREAM_TRAINING, Callback, num_active_clients, prepare, run, sample_round,
+                                  stream)
 
 
 def final_state(history_config):
@@ -72,9 +79,11 @@ def test_history_and_callbacks(tiny_config):
     history = run(config, [Recorder()])
     assert events == ["start", 1, 2, 3, 4, ("end", "FINISHED", None)]
     assert [r for r, _ in history.metric("test_accuracy")] == [3, 4]  # every 3rd and the last
-    assert [r for r, _ in history.metric("train_loss")] == [1, 2, 3, 4]
+    assert [r for r, _ in history.metric("train_loss")] == [3, 4]  # the global model's: evaluated
+    assert [r for r, _ in history.metric("local_train_loss")] == [1, 2, 3, 4]  # the clients': every round
+    assert history.rounds[0].client_accuracy == {} and history.rounds[0].client_train_loss == {}
     last = history.rounds[-1]
-    assert set(last.client_accuracy) == set(range(8))  # synthetic clients have their own test data
+    assert set(last.client_accuracy) == set(last.client_train_loss) == set(range(8))
     assert 0 <= last.metrics["client_accuracy_min"] <= last.metrics["client_accuracy_median"] <= 1
     assert last.metrics["round_time_s"] > 0
 
@@ -167,3 +176,212 @@ def test_threads_setting_applies_during_the_run_only(tiny_config):
     before = torch.get_num_threads()
     run(tiny_config.with_overrides({"execution.threads": 1, "federation.rounds": 1}), [Threads()])
     assert seen == [1] and torch.get_num_threads() == before
+
+
+# ----- the numbers, pinned: recomputed independently on clients that differ -----
+
+def digits_config(**overrides):
+    """Real 8x8 digits, logistic regression, unequal label-skewed clients: a few seconds per run."""
+    return ExperimentConfig().with_overrides({
+        "data.name": "digits", "model.name": "logreg", "partition.scheme": "dirichlet", "partition.alpha": 0.3,
+        "federation.num_clients": 12, "federation.clients_per_round": 4, "federation.rounds": 3,
+        "training.local_epochs": 1, "training.batch_size": 10, "training.lr": 0.1, "device": "cpu",
+        "execution.executor": "sequential", **overrides})
+
+
+def local_update(federation, start, client, round_, num_epochs):
+    """One client's update, trained alone from `start` with the seed the round loop gives it."""
+    config = federation.config
+    seed = int(stream(config.seed, STREAM_TRAINING, round_, client).integers(2**63))
+    index = torch.as_tensor(federation.clients[client])
+    state, _ = train_locally(copy.deepcopy(federation.model), start, federation.dataset.x_train[index], federation.dataset.y_train[index],
+                             num_epochs=num_epochs, batch_size=config.training.batch_size, lr=config.training.lr,
+                             mu=0.0, generator=torch.Generator().manual_seed(seed))
+    return state
+
+
+def flat(state, start):
+    return np.concatenate([(state[k].double() - start[k].double()).numpy().ravel() for k in start])
+
+
+def test_aggregation_weights_follow_sample_counts_at_run_level():
+    # Two clients of 10 and 90 samples: the new global model is 0.1 * w_0 + 0.9 * w_1, not the plain mean.
+    config = digits_config(**{"partition.scheme": "iid", "federation.num_clients": 2,
+                              "federation.clients_per_round": 2, "federation.rounds": 1})
+    federation = prepare(config)
+    order = np.random.default_rng(0).permutation(len(federation.dataset.y_train))
+    federation.clients = [np.sort(order[:10]), np.sort(order[10:100])]
+    start = {k: v.clone() for k, v in federation.model.state_dict().items()}
+    history = run(federation, executor=SequentialExecutor(federation.model))
+    states = [local_update(federation, start, k, 1, 1) for k in (0, 1)]
+    expected = {k: 0.1 * states[0][k] + 0.9 * states[1][k] for k in start}
+    uniform = {k: 0.5 * states[0][k] + 0.5 * states[1][k] for k in start}
+    got = federation.model.state_dict()
+    assert max(float((got[k] - expected[k]).abs().max()) for k in start) < 1e-6
+    assert max(float((got[k] - uniform[k]).abs().max()) for k in start) > 1e-3  # the test can tell them apart
+    # norms and drift: the cosine of each update to the 1:9 mean update, in float64
+    deltas = [flat(s, start) for s in states]
+    mean = 0.1 * deltas[0] + 0.9 * deltas[1]
+    measured = history.rounds[0].client_metrics
+    for k, delta in enumerate(deltas):
+        assert measured[k]["update_norm"] == pytest.approx(np.linalg.norm(delta), rel=1e-5)
+        cosine = delta @ mean / (np.linalg.norm(delta) * np.linalg.norm(mean))
+        assert measured[k]["drift"] == pytest.approx(cosine, abs=1e-5)
+    assert measured[1]["drift"] > measured[0]["drift"]  # the heavy client is closer to the mean
+
+
+def test_fedavg_drops_and_fedprox_keeps_stragglers_partial_work_at_run_level():
+    # 3 clients per round, half straggling: round(3 x 0.5) = 2 do all 3 epochs, 1 does 1 or 2 of them.
+    config = digits_config(**{"partition.scheme": "quantity", "federation.num_clients": 3,
+                              "federation.clients_per_round": 3, "federation.rounds": 1,
+                              "federation.straggler_fraction": 0.5, "training.local_epochs": 3})
+    sampled, stragglers = sample_round(config, 1)
+    assert list(sampled) == [0, 1, 2] and len(stragglers) == 1
+    (straggler, partial_epochs), = stragglers.items()
+    results = {}
+    for name in ("fedavg", "fedprox"):
+        federation = prepare(config.with_overrides({"strategy.name": name, "strategy.mu": 0.0}))
+        start = {k: v.clone() for k, v in federation.model.state_dict().items()}
+        history = run(federation)
+        results[name] = (federation, start, history)
+    federation, start, history = results["fedavg"]
+    sizes = [len(c) for c in federation.clients]
+    assert len(set(sizes)) == 3  # unequal clients
+    full = {k: local_update(federation, start, k, 1, 3) for k in (0, 1, 2) if k != straggler}
+    partial = local_update(federation, start, straggler, 1, partial_epochs)
+    kept = sum(sizes[k] for k in full)
+    expected_avg = {key: sum(sizes[k] * s[key] for k, s in full.items()) / kept for key in start}
+    everyone = {**full, straggler: partial}
+    expected_prox = {key: sum(sizes[k] * s[key] for k, s in everyone.items()) / sum(sizes) for key in start}
+    for name, expected, updates in (("fedavg", expected_avg, 2), ("fedprox", expected_prox, 3)):
+        federation, _, history = results[name]
+        got = federation.model.state_dict()
+        assert max(float((got[k] - expected[k]).abs().max()) for k in start) < 1e-6, name
+        assert history.rounds[0].metrics["num_updates"] == updates
+        assert history.rounds[0].metrics["num_stragglers"] == 1
+    assert max(float((expected_avg[k] - expected_prox[k]).abs().max()) for k in start) > 1e-3
+
+
+@pytest.mark.parametrize("per_round, fraction", [(5, 0.5), (10, 0.9), (3, 0.5), (4, 0.9), (10, 0.0), (7, 1.0),
+                                                 (10, 0.3)])
+def test_active_clients_are_counted_as_the_fedprox_reference_does(per_round, fraction):
+    # The reference (Li et al.'s code) keeps round(K * (1 - p)) active clients, Python's round: at K = 5,
+    # p = 0.5 that is round(2.5) = 2 active and 3 stragglers, where round(p * K) stragglers would give 2.
+    config = ExperimentConfig().with_overrides({
+        "federation.num_clients": 12, "federation.clients_per_round": per_round,
+        "federation.straggler_fraction": fraction, "training.local_epochs": 2})
+    active = round(per_round * (1 - fraction))
+    assert num_active_clients(config) == active
+    for round_ in (1, 2, 3):
+        sampled, stragglers = sample_round(config, round_)
+        assert len(sampled) == per_round and len(stragglers) == per_round - active
+    assert num_active_clients(config.with_overrides({"federation.clients_per_round": 5,
+                                                     "federation.straggler_fraction": 0.5})) == 2
+
+
+def test_a_run_that_can_never_get_an_update_warns_once_and_logs_zero_updates(tiny_config):
+    import warnings
+
+    config = tiny_config.with_overrides({"federation.straggler_fraction": 1.0, "federation.rounds": 3})
+    federation = prepare(config)
+    start = {k: v.clone() for k, v in federation.model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = run(federation)
+    mine = [w for w in caught if "no round will receive an update" in str(w.message)]
+    assert len(mine) == 1
+    assert "federation.straggler_fraction=1" in str(mine[0].message) and "strategy.name=fedprox" in str(mine[0].message)
+    assert [r.metrics["num_updates"] for r in history.rounds] == [0, 0, 0]
+    assert all(torch.equal(federation.model.state_dict()[k], v) for k, v in start.items())
+    with warnings.catch_warnings(record=True) as caught:  # FedProx keeps the partial work: nothing to say
+        warnings.simplefilter("always")
+        kept = run(config.with_overrides({"strategy.name": "fedprox"}))
+    assert not [w for w in caught if "no round will receive" in str(w.message)]
+    assert [r.metrics["num_updates"] for r in kept.rounds] == [4, 4, 4]
+
+
+def test_train_loss_is_the_global_models_on_every_clients_training_data():
+    # Li et al. 2020 (Fig. 1) plot the global model's loss on all devices' training data, sample-weighted;
+    # the mean of the clients' local mini-batch losses is another number (`local_train_loss`).
+    config = digits_config(**{"federation.straggler_fraction": 0.5, "training.local_epochs": 3,
+                              "strategy.name": "fedprox"})
+    federation = prepare(config)
+    history = run(federation)
+    model, data = federation.model.eval(), federation.dataset
+    losses, correct, sizes = [], [], []
+    with torch.no_grad():
+        for indices in federation.clients:
+            index = torch.as_tensor(indices)
+            logits = model(data.x_train[index])
+            losses.append(float(F.cross_entropy(logits, data.y_train[index], reduction="mean")))
+            correct.append(float((logits.argmax(1) == data.y_train[index]).double().mean()))
+            sizes.append(len(indices))
+    sizes = np.array(sizes, dtype=np.float64)
+    assert len(set(sizes)) > 3
+    final = history.rounds[-1]
+    assert final.metrics["train_loss"] == pytest.approx(np.dot(sizes, losses) / sizes.sum(), rel=1e-5)
+    assert final.metrics["train_accuracy"] == pytest.approx(np.dot(sizes, correct) / sizes.sum(), abs=1e-9)
+    assert final.client_train_loss == pytest.approx(dict(enumerate(losses)), rel=1e-5)
+    assert final.metrics["train_loss"] != pytest.approx(final.metrics["local_train_loss"], rel=1e-3)
+
+
+def test_per_client_accuracy_is_measured_on_each_clients_own_test_data():
+    config = digits_config(**{"partition.alpha": 0.1, "federation.rounds": 2})
+    federation = prepare(config)
+    history = run(federation)
+    tests, data = federation.client_tests, federation.dataset
+    assert tests.rule == "labels" and tests.x is None and len(tests.indices) == 12
+    train_labels, test_labels = data.y_train.numpy(), data.y_test.numpy()
+    for train, test in zip(federation.clients, tests.indices):
+        assert len(test) >= 1 and set(test_labels[test]) <= set(train_labels[train])
+    model = federation.model.eval()
+    with torch.no_grad():
+        expected = {k: float((model(data.x_test[torch.as_tensor(i)]).argmax(1) == data.y_test[torch.as_tensor(i)])
+                             .double().mean()) for k, i in enumerate(tests.indices)}
+    final = history.rounds[-1]
+    assert final.client_accuracy == pytest.approx(expected, abs=1e-12)
+    values = np.sort(list(expected.values()))
+    assert values[-1] - values[0] > 0.2  # the clients differ
+    # p10 by hand: linear interpolation between the 2nd and 3rd of 12 sorted values (position 0.1 * 11)
+    assert final.metrics["client_accuracy_p10"] == pytest.approx(values[1] + 0.1 * (values[2] - values[1]))
+    assert final.metrics["client_accuracy_min"] == values[0]
+    assert final.metrics["client_accuracy_median"] == pytest.approx((values[5] + values[6]) / 2)
+    assert final.metrics["num_clients_at_zero_accuracy"] == int(np.sum(values == 0))
+
+
+def test_client_test_sets_follow_the_partition_scheme():
+    # natural: the dataset's own clients' held-out samples
+    natural = prepare(ExperimentConfig().with_overrides({"federation.num_clients": 8,
+                                                         "federation.clients_per_round": 4, "device": "cpu"}))
+    assert natural.client_tests.rule == "natural"
+    assert all(np.array_equal(a, b) for a, b in zip(natural.client_tests.indices, natural.dataset.client_test))
+    # the same synthetic data split by label skew: each client is scored on its own labels, not on the
+    # generator's client k (whose labels have nothing to do with partition client k's)
+    skewed = prepare(ExperimentConfig().with_overrides({
+        "federation.num_clients": 8, "federation.clients_per_round": 4, "device": "cpu",
+        "partition.scheme": "dirichlet", "partition.alpha": 0.1}))
+    assert skewed.client_tests.rule == "labels"
+    for train, test in zip(skewed.clients, skewed.client_tests.indices):
+        train_labels = skewed.dataset.y_train.numpy()[train]
+        test_labels = skewed.dataset.y_test.numpy()[test]
+        assert set(test_labels) <= set(train_labels)
+        top = np.bincount(train_labels, minlength=10).argmax()
+        assert np.mean(test_labels == top) == pytest.approx(np.mean(train_labels == top), abs=0.25)
+    # feature skew: client k's test inputs carry client k's transform (client 0's none, the last the most)
+    config = digits_config(**{"partition.scheme": "feature_noise", "partition.noise_sigma": 1.0,
+                              "federation.num_clients": 10})
+    noisy = prepare(config)
+    tests, x_test = noisy.client_tests, noisy.dataset.x_test
+    bounds = np.cumsum([0, *tests.sizes])
+    first = tests.x[bounds[0]:bounds[1]]
+    last = tests.x[bounds[-2]:bounds[-1]]
+    assert torch.equal(first, x_test[torch.as_tensor(tests.indices[0])])
+    noise = last - x_test[torch.as_tensor(tests.indices[-1])]
+    assert float(noise.std()) == pytest.approx(0.9, abs=0.1)
+    history = run(noisy)
+    model = noisy.model.eval()
+    with torch.no_grad():
+        y = noisy.dataset.y_test
+        expected = {k: float((model(tests.x[bounds[k]:bounds[k + 1]]).argmax(1) == y[torch.as_tensor(i)])
+                             .double().mean()) for k, i in enumerate(tests.indices)}
+    assert history.rounds[-1].client_accuracy == pytest.approx(expected, abs=1e-12)

@@ -1,9 +1,11 @@
+import threading
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from workbench.simulation import Callback, prepare, run
-from workbench.tracking import MlflowCallback, load_model
+from workbench.tracking import CLIENT_COLUMNS, MlflowCallback, client_rows, load_model
 
 
 def test_every_round_logged_once_with_params_tags_and_model(tiny_config, tracking_uri):
@@ -132,8 +134,12 @@ def test_round_record_checkpoints_and_client_table(tiny_config, tracking_uri, tm
         for client_id, values in result.client_metrics.items():
             assert float(mine[client_id]["drift"]) == pytest.approx(values["drift"])
             assert float(mine[client_id]["update_norm"]) == pytest.approx(values["update_norm"])
+            assert float(mine[client_id]["local_train_loss"]) == pytest.approx(values["local_train_loss"])
         for client_id, accuracy in result.client_accuracy.items():
             assert float(mine[client_id]["test_accuracy"]) == pytest.approx(accuracy)
+        assert result.client_train_loss and set(result.client_train_loss) <= set(mine)
+        for client_id, loss in result.client_train_loss.items():
+            assert float(mine[client_id]["train_loss"]) == pytest.approx(loss)
     metric_keys = client.get_run(tracker.run_id).data.metrics
     assert not any(str(c) in key.split("_") for key in metric_keys for c in range(8))  # no per-client keys
 
@@ -169,3 +175,50 @@ def test_bad_flush_interval_is_a_usage_error(monkeypatch, tracking_uri, capsys):
     assert main(["run", "--set", "federation.rounds=1", "--tracking-uri", tracking_uri, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "WORKBENCH_FLUSH_EVERY_S='soon'" in err and ">= 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_client_table_parts_merge_newest_complete_part_per_round():
+    from workbench.tracking.record import client_part_name, merge_client_parts
+
+    header = ",".join(CLIENT_COLUMNS)
+
+    def part(*rows):
+        return "\n".join([header, *(",".join([str(r), str(c)] + ["1"] * (len(CLIENT_COLUMNS) - 2))
+                                      for r, c in rows)]) + "\n"
+
+    first = part((1, 0), (1, 1), (2, 0))
+    resent = part((2, 5))  # a resume recomputed round 2 (different clients)
+    cut = part((3, 0), (3, 1))[:-15]  # a kill cut its upload short: one row and a half
+    merged = merge_client_parts({client_part_name(1, 1, 3): first, client_part_name(2, 1, 1): resent,
+                                 client_part_name(2, 2, 2): cut, "notes.txt": "ignored"})
+    assert [(r[0], r[1]) for r in merged] == [("1", "0"), ("1", "1"), ("2", "5")]
+    # the part numbers order parts, not the names' text: part 10 comes after part 9
+    later = merge_client_parts({client_part_name(1, 9, 1): part((4, 0)), client_part_name(1, 10, 1): part((4, 7))})
+    assert [(r[0], r[1]) for r in later] == [("4", "7")]
+
+
+def test_a_killed_runs_client_table_is_read_from_its_parts(tiny_config, tracking_uri):
+    from workbench.tracking import CLIENT_PARTS_DIR, CLIENT_TABLE, load_client_table
+
+    stop = threading.Event()
+
+    class StopAtThree(Callback):
+        rows = []
+
+        def on_round_end(self, result, federation):
+            self.rows += client_rows(result)
+            if result.round == 3:
+                stop.set()
+
+    tracker = MlflowCallback(tracking_uri, experiment="parts", flush_every_s=0)
+    history = run(tiny_config.with_overrides({"federation.rounds": 6}), [tracker, StopAtThree()], stop=stop)
+    assert history.status == "KILLED"
+    client = MlflowClient(tracking_uri)
+    names = {a.path for a in client.list_artifacts(tracker.run_id, "clients")}
+    assert CLIENT_TABLE not in names and CLIENT_PARTS_DIR in names  # no whole table until it finishes
+    assert len(client.list_artifacts(tracker.run_id, CLIENT_PARTS_DIR)) == 3  # one part per send
+    table = load_client_table(tracker.run_id, tracking_uri)
+    assert list(table.columns) == list(CLIENT_COLUMNS)
+    expected = [[-1.0 if cell == "" else float(cell) for cell in row] for row in StopAtThree.rows]
+    assert table.fillna(-1.0).values.tolist() == expected
+    assert sorted(set(table["round"])) == [1, 2, 3]

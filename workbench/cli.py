@@ -34,7 +34,8 @@ DEMO_OVERRIDES = {
     "federation.rounds": 40, "federation.straggler_fraction": 0.5, "training.local_epochs": 20,
     "training.batch_size": 10, "training.lr": 0.01, "strategy.mu": 1.0,
 }
-DEMO_METRICS = ("test_accuracy", "test_loss", "train_loss", "client_accuracy_median", "client_accuracy_p10")
+DEMO_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "client_accuracy_median",
+                "client_accuracy_p10", "num_clients_at_zero_accuracy")
 
 
 class UsageError(Exception):
@@ -206,7 +207,7 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"MLflow run id: {run_id}")
     for key in DEMO_METRICS:
         if key in final:
-            print(f"  {key:24s} {final[key]:.4f}")
+            print(f"  {key:28s} {format_metric(key, final[key])}")
     return 0
 
 
@@ -285,7 +286,7 @@ def command_resume(args: argparse.Namespace) -> int:
     print(f"MLflow run id: {args.run_id} (resumed, {history.status})")
     for key in DEMO_METRICS:
         if key in final:
-            print(f"  {key:24s} {final[key]:.4f}")
+            print(f"  {key:28s} {format_metric(key, final[key])}")
     return 0
 
 
@@ -362,13 +363,18 @@ COMMANDS = {"run": command_run, "demo": command_demo, "partition": command_parti
             "resume": command_resume, "sweep": command_sweep, "compare": command_compare}
 
 
+def format_metric(key: str, value: float) -> str:
+    """A metric as the tables print it: counts (`num_*`) as integers, everything else to 4 decimals."""
+    return f"{value:.0f}" if key.startswith("num_") else f"{value:.4f}"
+
+
 def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) -> str:
     headers = {"fedavg": "FedAvg", "fedprox": f"FedProx (mu={mu:g})"}
-    rows = [f"{'final metric':26s}" + "".join(f"{headers[n]:>20s}" for n in results)]
+    rows = [f"{'final metric':30s}" + "".join(f"{headers[n]:>20s}" for n in results)]
     for key in DEMO_METRICS:
-        cells = [f"{final[key]:20.4f}" if key in final else f"{'-':>20s}" for _, final in results.values()]
-        rows.append(f"{key:26s}" + "".join(cells))
-    rows.append(f"{'MLflow run id':26s}" + "".join(f"{run_id[:12] + '…':>20s}" for run_id, _ in results.values()))
+        cells = [f"{format_metric(key, final[key]) if key in final else '-':>20s}" for _, final in results.values()]
+        rows.append(f"{key:30s}" + "".join(cells))
+    rows.append(f"{'MLflow run id':30s}" + "".join(f"{run_id[:12] + '…':>20s}" for run_id, _ in results.values()))
     return "\n".join(rows)
 
 

@@ -18,7 +18,8 @@ class ClientUpdate:
     state: dict[str, torch.Tensor]
     num_samples: int
     num_epochs: int
-    train_loss: float
+    #: mean cross-entropy of the local mini-batches, over every local step (not the global model's loss)
+    local_train_loss: float
     is_partial: bool
 
 

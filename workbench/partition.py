@@ -275,6 +275,65 @@ def partition_natural(clients: Sequence[np.ndarray], num_samples: int, min_size:
     return parts
 
 
+# ----- each client's test data -----
+
+
+def partition_test_by_labels(train_labels: np.ndarray, clients: Sequence[np.ndarray], test_labels: np.ndarray,
+                             rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client's test samples, drawn from the held-out pool so that they follow the client's own
+    training labels: one index array into `test_labels` per client, sorted.
+
+    Every class's test samples (in random order) are dealt out to the clients in proportion to the
+    clients' training samples of that class (largest remainder, ties broken at random). A client thus gets
+    about its training size times the dataset's test:train ratio, with its own label distribution (exactly
+    so when the test set has the training set's class proportions, as the stratified splits here do), and
+    no test sample goes to two clients. The one exception: a client whose shares all round to zero (fewer
+    training samples than about train:test) gets one test sample of its most frequent class that another
+    client also holds, rather than no test set. A client none of whose classes occur in the test set gets
+    an empty array (no per-client metric can be defined for it).
+    """
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    num_clients = len(clients)
+    if num_clients == 0:
+        return []
+    num_classes = int(max(train_labels.max(initial=-1), test_labels.max(initial=-1))) + 1
+    train_counts = count_matrix(train_labels, clients, num_classes)          # clients x classes
+    class_train = train_counts.sum(axis=0)
+    class_test = np.bincount(test_labels, minlength=num_classes)
+    held = class_train > 0
+    # class c's share for client k is class_test[c] * train_counts[k, c] / class_train[c]: in integers,
+    # so that the whole parts and the remainders are exact
+    numerator = class_test[:, None].astype(np.int64) * train_counts.T
+    denominator = np.maximum(class_train, 1)[:, None]
+    counts = np.where(held[:, None], numerator // denominator, 0)
+    remainder = np.where(held[:, None], numerator % denominator, 0)
+    # largest remainder per class: the `left` largest remainders get one more, random among equal ones
+    left = np.where(held, class_test, 0) - counts.sum(axis=1)
+    order = np.lexsort((rng.random(counts.shape), -remainder), axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(num_clients)[None, :].repeat(num_classes, 0), axis=1)
+    counts += rank < left[:, None]
+    owner = np.full(len(test_labels), -1, dtype=np.int64)
+    by_class = _class_sorted_order(test_labels.astype(np.int64), rng)   # test samples, class by class
+    starts = np.concatenate([[0], np.cumsum(class_test)[:-1]])
+    for c in np.flatnonzero(held & (class_test > 0)):
+        members = by_class[starts[c]:starts[c] + class_test[c]]
+        owner[members] = np.repeat(np.arange(num_clients), counts[c])
+    parts = _groups_with_unowned(owner, num_clients)
+    for k in np.flatnonzero([len(p) == 0 for p in parts]):
+        available = train_counts[k] * (class_test > 0)
+        if available.max() > 0:  # the top-up: one sample of its most frequent class present in the test set
+            c = int(np.argmax(available))
+            parts[k] = np.array([int(rng.choice(np.flatnonzero(test_labels == c)))], dtype=np.int64)
+    return parts
+
+
+def _groups_with_unowned(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """`_groups` for an owner array in which -1 marks samples no client holds."""
+    kept = np.flatnonzero(owner >= 0)
+    return [kept[p] for p in _groups(owner[kept], num_clients)]
+
+
 # ----- feature skew -----
 
 
@@ -356,20 +415,22 @@ STAT_DESCRIPTIONS = {
     "label_tv_max": "total variation from the global label distribution, max",
     "label_js_mean": "Jensen-Shannon divergence from the global label distribution (bits), mean",
     "label_js_max": "Jensen-Shannon divergence from the global label distribution (bits), max",
-    "label_emd_mean": "earth mover's distance from the global label distribution (Zhao et al. 2018), mean",
-    "label_emd_max": "earth mover's distance from the global label distribution, max",
 }
 
 
 @dataclass(frozen=True)
 class PartitionStats:
-    """Per-client heterogeneity of a partition; `summary()` reduces it to numbers that can be logged."""
+    """Per-client heterogeneity of a partition; `summary()` reduces it to numbers that can be logged.
+
+    No earth mover's distance: over class labels, which have no order, Zhao et al. (2018) use a unit
+    ground distance, and with it EMD is the L1 distance between the label distributions, exactly 2 x the
+    total variation reported here; a second name for the same number would only suggest a second measure.
+    """
 
     counts: np.ndarray              #: client x class sample counts
     sizes: np.ndarray               #: samples per client
     tv: np.ndarray                  #: total variation distance from the global label distribution
     js: np.ndarray                  #: Jensen-Shannon divergence (base 2) from the global label distribution
-    emd: np.ndarray                 #: earth mover's distance (Zhao et al. 2018: L1, unit ground distance)
     effective_classes: np.ndarray   #: exp(Shannon entropy) of each client's label distribution
     missing_classes: np.ndarray     #: globally present classes a client has no sample of
 
@@ -391,8 +452,6 @@ class PartitionStats:
             "label_tv_max": float(self.tv.max()),
             "label_js_mean": float(self.js.mean()),
             "label_js_max": float(self.js.max()),
-            "label_emd_mean": float(self.emd.mean()),
-            "label_emd_max": float(self.emd.max()),
         }
 
 
@@ -412,7 +471,7 @@ def stats_from_counts(counts: np.ndarray) -> PartitionStats:
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(local > 0, local * np.log(local), 0.0).sum(axis=1)
     missing = ((counts == 0) & (overall > 0)[None, :]).sum(axis=1)
-    return PartitionStats(counts, sizes, tv, np.clip(js, 0.0, 1.0), 2.0 * tv, np.exp(entropy), missing)
+    return PartitionStats(counts, sizes, tv, np.clip(js, 0.0, 1.0), np.exp(entropy), missing)
 
 
 def summarize(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -19,7 +20,8 @@ from workbench.config import ExperimentConfig
 from workbench.data import Dataset, load_dataset
 from workbench.execution import ClientTask, Executor, RunStopped, build_executor, check_stop
 from workbench.models import build_model, check_model_fits
-from workbench.partition import apply_feature_skew, check_feature_skew, partition, summarize
+from workbench.partition import (FEATURE_SKEWS, apply_feature_skew, check_feature_skew, partition,
+                                 partition_test_by_labels, summarize)
 from workbench.strategies import Strategy, build_strategy
 from workbench.updates import state_num_bytes, update_statistics
 
@@ -41,6 +43,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class ClientTestSets:
+    """Each client's own test data: what per-client accuracy is measured on.
+
+    `indices[k]` are client k's samples of the dataset's test set. `rule` says how they were chosen:
+    `natural` (the client's own held-out samples, for the dataset's real clients) or `labels` (drawn from
+    the held-out pool with the client's training label distribution: `partition_test_by_labels`). Under
+    feature skew, `x` holds the clients' test inputs as each client sees them (its own transform applied),
+    concatenated in client order; otherwise the inputs are the test set's own and `x` is None.
+    """
+
+    indices: list[np.ndarray]
+    rule: str
+    x: torch.Tensor | None = None
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.array([len(i) for i in self.indices], dtype=np.int64)
+
+    @property
+    def flat(self) -> np.ndarray:
+        """Every client's test indices, concatenated in client order."""
+        return np.concatenate(self.indices).astype(np.int64) if self.indices else np.zeros(0, np.int64)
+
+    def to(self, device: torch.device) -> "ClientTestSets":
+        return self if self.x is None else dataclasses.replace(self, x=self.x.to(device))
+
+
 @dataclass
 class Federation:
     """A prepared experiment: data on its device, the partition, the initial global model."""
@@ -52,6 +82,8 @@ class Federation:
     strategy: Strategy
     device: torch.device
     partition_stats: dict[str, float]
+    #: Each client's own test data (None where none can be defined: then no per-client metric is logged).
+    client_tests: ClientTestSets | None = None
     #: How `run` executes the rounds (resolved executor, workers, their threads), for the run's record.
     execution: dict[str, object] = field(default_factory=dict)
 
@@ -91,19 +123,45 @@ def partition_dataset(config: ExperimentConfig, dataset: Dataset) -> tuple[Datas
     return dataset, clients
 
 
+def split_client_tests(config: ExperimentConfig, dataset: Dataset,
+                       clients: Sequence[np.ndarray]) -> ClientTestSets | None:
+    """Each client's own test data, for the partition `clients` of `dataset` (as `partition_dataset`
+    returns them): the natural clients' own held-out samples under `natural`; under every other scheme,
+    held-out samples with the client's training label distribution (`partition_test_by_labels`, seeded
+    from the partition stream), with the client's feature transform applied under feature skew."""
+    if config.partition.scheme == "natural":
+        if dataset.client_test is None or len(dataset.client_test) != len(clients):
+            return None
+        return ClientTestSets([np.asarray(i, dtype=np.int64) for i in dataset.client_test], "natural")
+    indices = partition_test_by_labels(dataset.y_train.cpu().numpy(), clients, dataset.y_test.cpu().numpy(),
+                                       stream(config.seed, STREAM_PARTITION, 2))
+    tests = ClientTestSets(indices, "labels")
+    if config.partition.scheme in FEATURE_SKEWS:
+        # client k's test inputs get client k's transform: lay them out client after client, so that the
+        # k-th block is "client k" for `apply_feature_skew`
+        blocks = np.split(np.arange(int(tests.sizes.sum())), np.cumsum(tests.sizes)[:-1])
+        flat = torch.as_tensor(tests.flat, device=dataset.x_test.device)
+        x = apply_feature_skew(dataset.x_test[flat], blocks, config.partition,
+                               stream(config.seed, STREAM_PARTITION, 3))
+        tests = dataclasses.replace(tests, x=x)
+    return tests
+
+
 def prepare(config: ExperimentConfig) -> Federation:
     """Load data, partition it and build the model; every user error surfaces here, before any round."""
     device = resolve_device(config.device)
     dataset = load_data(config)
     check_model_fits(config.model.name, dataset.input_shape)
     dataset, clients = partition_dataset(config, dataset)
+    client_tests = split_client_tests(config, dataset, clients)
     stats = summarize(dataset.y_train.numpy(), clients, dataset.num_classes)
     init = torch.Generator().manual_seed(int(stream(config.seed, STREAM_INIT).integers(2**63)))
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, init).to(device)
     dataset = dataclasses.replace(
         dataset, x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
         x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device))
-    return Federation(config, dataset, clients, model, build_strategy(config.strategy), device, stats)
+    return Federation(config, dataset, clients, model, build_strategy(config.strategy), device, stats,
+                      client_tests.to(device) if client_tests is not None else None)
 
 
 @dataclass(frozen=True)
@@ -114,10 +172,14 @@ class RoundResult:
     metrics: dict[str, float]
     sampled: tuple[int, ...]
     stragglers: tuple[int, ...]
-    #: Accuracy of the new global model on each client's own test data (empty where clients have none).
+    #: Accuracy of the new global model on each client's own test data (`Federation.client_tests`), in
+    #: evaluation rounds; empty in other rounds and where clients have no test data.
     client_accuracy: dict[int, float] = field(default_factory=dict)
-    #: For each client that sent an update: num_samples, num_epochs, is_partial, train_loss, update_norm, drift.
+    #: For each client that sent an update: num_samples, num_epochs, is_partial, local_train_loss,
+    #: update_norm, drift.
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: Loss of the new global model on each client's training data, in evaluation rounds.
+    client_train_loss: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,24 +223,77 @@ def sample_round(config: ExperimentConfig, round_: int) -> tuple[np.ndarray, dic
     sampled = np.sort(stream(config.seed, STREAM_SAMPLING, round_).choice(
         fed.num_clients, fed.clients_per_round, replace=False))
     rng = stream(config.seed, STREAM_STRAGGLERS, round_)
-    num_stragglers = int(round(fed.straggler_fraction * fed.clients_per_round))
+    num_stragglers = fed.clients_per_round - num_active_clients(config)
     stragglers = np.sort(rng.choice(sampled, num_stragglers, replace=False))
     partial_epochs = rng.integers(1, epochs, size=num_stragglers) if num_stragglers else []
     return sampled, {int(c): int(e) for c, e in zip(stragglers, partial_epochs)}
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float, torch.Tensor]:
-    """Mean loss, accuracy and the per-sample correctness of `model` on (x, y)."""
+def num_active_clients(config: ExperimentConfig) -> int:
+    """Sampled clients per round that do all their local epochs: round(K * (1 - p)) for K clients per
+    round and straggler fraction p, as the FedProx reference code keeps its active clients (Li et al.,
+    MLSys 2020; Python's round, halves to even: K = 5, p = 0.5 keeps 2 and makes 3 stragglers)."""
+    fed = config.federation
+    return int(round(fed.clients_per_round * (1 - fed.straggler_fraction)))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model on a set of samples: mean loss and accuracy, and both per sample."""
+
+    loss: float
+    accuracy: float
+    losses: torch.Tensor   #: cross-entropy of each sample
+    correct: torch.Tensor  #: whether each sample's prediction is right (bool)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> Evaluation:
+    """Cross-entropy and accuracy of `model` on (x, y), in eval mode, without gradients."""
     model.eval()
     losses, hits = [], []
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             logits = model(x[start:start + batch_size])
             target = y[start:start + batch_size]
-            losses.append(F.cross_entropy(logits, target, reduction="sum"))
+            losses.append(F.cross_entropy(logits, target, reduction="none"))
             hits.append(logits.argmax(dim=1) == target)
-    correct = torch.cat(hits)
-    return float(sum(losses)) / len(y), float(correct.float().mean()), correct
+    per_sample, correct = torch.cat(losses), torch.cat(hits)
+    return Evaluation(float(per_sample.double().mean()), float(correct.double().mean()), per_sample, correct)
+
+
+def per_client_means(values: torch.Tensor, indices: Sequence[np.ndarray]) -> dict[int, float]:
+    """`{k: mean of values[indices[k]]}` for every client with at least one index (one pass, float64)."""
+    sizes = np.array([len(i) for i in indices], dtype=np.int64)
+    if not sizes.sum():
+        return {}
+    flat = np.concatenate(indices).astype(np.int64)
+    sums = np.bincount(np.repeat(np.arange(len(indices)), sizes),
+                       weights=values.detach().double().cpu().numpy()[flat], minlength=len(indices))
+    return {int(k): float(sums[k] / sizes[k]) for k in np.flatnonzero(sizes)}
+
+
+def evaluate_clients(model: nn.Module, dataset: Dataset, tests: ClientTestSets,
+                     on_test_set: Evaluation) -> dict[int, float]:
+    """Each client's test accuracy on its own test data; `on_test_set` is the model's evaluation on the
+    whole test set, reused where the clients' inputs are the test set's own."""
+    if tests.x is None:
+        return per_client_means(on_test_set.correct, tests.indices)
+    flat = torch.as_tensor(tests.flat, device=dataset.y_test.device)
+    skewed = evaluate(model, tests.x, dataset.y_test[flat])
+    blocks = np.split(np.arange(len(flat)), np.cumsum(tests.sizes)[:-1])
+    return per_client_means(skewed.correct, blocks)
+
+
+def accuracy_spread(client_accuracy: Mapping[int, float]) -> dict[str, float]:
+    """The spread of per-client accuracy: min, 10th percentile, median (numpy's linear interpolation),
+    and how many clients are at exactly 0 (which min and p10 alone do not tell)."""
+    if not client_accuracy:
+        return {}
+    values = np.array(list(client_accuracy.values()), dtype=np.float64)
+    return {"client_accuracy_min": float(values.min()),
+            "client_accuracy_p10": float(np.percentile(values, 10)),
+            "client_accuracy_median": float(np.median(values)),
+            "num_clients_at_zero_accuracy": float(np.sum(values == 0.0))}
 
 
 @contextmanager
@@ -214,6 +329,7 @@ def run(
     config = federation.config
     executor = executor or build_executor(config.execution.executor, federation.model,
                                           workers=config.execution.workers)
+    warn_if_no_updates(config, federation.strategy)
     federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))
     history = History()
     error: BaseException | None = None
@@ -242,6 +358,20 @@ def run(
     return history
 
 
+def warn_if_no_updates(config: ExperimentConfig, strategy: Strategy) -> None:
+    """Warn once, before the first round, when the straggler policy leaves every round without an update."""
+    if strategy.keeps_partial_work or num_active_clients(config) > 0:
+        return
+    fed = config.federation
+    warnings.warn(
+        f"federation.straggler_fraction={fed.straggler_fraction:g} with federation.clients_per_round="
+        f"{fed.clients_per_round} leaves round({fed.clients_per_round} x (1 - {fed.straggler_fraction:g})) = 0 "
+        f"clients that finish their epochs, and strategy.name={config.strategy.name!r} drops stragglers: no "
+        f"round will receive an update (num_updates = 0) and the global model will not change. Lower "
+        f"straggler_fraction, raise clients_per_round, or use strategy.name=fedprox (keeps partial work).",
+        UserWarning, stacklevel=3)
+
+
 def run_round(federation: Federation, executor: Executor, round_: int,
               stop: threading.Event | None = None) -> RoundResult:
     """One round: sample, train the cohort, aggregate into `federation.model`, evaluate."""
@@ -264,7 +394,8 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     norms, drifts = update_statistics(global_state, [u.state for u in updates], [u.num_samples for u in updates])
     client_metrics = {
         u.client: {"num_samples": float(u.num_samples), "num_epochs": float(u.num_epochs),
-                   "is_partial": float(u.is_partial), "train_loss": u.train_loss, "update_norm": n, "drift": d}
+                   "is_partial": float(u.is_partial), "local_train_loss": u.local_train_loss,
+                   "update_norm": n, "drift": d}
         for u, n, d in zip(updates, norms, drifts)
     }
     if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
@@ -275,23 +406,26 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     metrics: dict[str, float] = {"num_updates": float(len(updates)), "num_stragglers": float(len(stragglers))}
     if updates:
         weights = np.array([u.num_samples for u in updates], dtype=np.float64)
-        metrics["train_loss"] = float(np.dot(weights, [u.train_loss for u in updates]) / weights.sum())
+        metrics["local_train_loss"] = float(np.dot(weights, [u.local_train_loss for u in updates]) / weights.sum())
         metrics.update(update_norm_mean=float(np.mean(norms)), client_drift_mean=float(np.mean(drifts)),
                        client_drift_min=float(np.min(drifts)))
     # Every sampled client downloads the global model; only those whose update is used upload one.
     model_bytes = state_num_bytes(global_state)
     metrics.update(bytes_down=float(model_bytes * len(sampled)), bytes_up=float(model_bytes * len(updates)))
     client_accuracy: dict[int, float] = {}
+    client_train_loss: dict[int, float] = {}
     if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
-        loss, accuracy, correct = evaluate(federation.model, data.x_test, data.y_test)
-        metrics.update(test_loss=loss, test_accuracy=accuracy)
-        if data.client_test is not None:
-            hits = correct.cpu().numpy()
-            client_accuracy = {k: float(hits[idx].mean()) for k, idx in enumerate(data.client_test) if len(idx)}
-            values = np.array(list(client_accuracy.values()))
-            metrics.update(client_accuracy_min=float(values.min()),
-                           client_accuracy_p10=float(np.percentile(values, 10)),
-                           client_accuracy_median=float(np.median(values)))
+        on_test = evaluate(federation.model, data.x_test, data.y_test)
+        # The global model on every client's training data (as each client holds it), sample-weighted:
+        # the training loss the FedProx paper plots (Li et al. 2020, Fig. 1). Each training sample belongs
+        # to exactly one client, so this is the mean over the whole training set.
+        on_train = evaluate(federation.model, data.x_train, data.y_train)
+        metrics.update(test_loss=on_test.loss, test_accuracy=on_test.accuracy,
+                       train_loss=on_train.loss, train_accuracy=on_train.accuracy)
+        client_train_loss = per_client_means(on_train.losses, federation.clients)
+        if federation.client_tests is not None:
+            client_accuracy = evaluate_clients(federation.model, data, federation.client_tests, on_test)
+            metrics.update(accuracy_spread(client_accuracy))
     metrics["round_time_s"] = time.perf_counter() - started
     if not all(math.isfinite(v) for v in metrics.values()):
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
@@ -299,4 +433,4 @@ def run_round(federation: Federation, executor: Executor, round_: int,
             f"round {round_} diverged: {bad} (lower training.lr, currently {config.training.lr})"
         )
     return RoundResult(round_, metrics, tuple(int(c) for c in sampled), tuple(stragglers), client_accuracy,
-                       client_metrics)
+                       client_metrics, client_train_loss)

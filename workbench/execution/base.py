@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -46,10 +46,11 @@ class Executor(Protocol):
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         """Every task's update, in the order of `tasks`; raises `RunStopped` within one client update
-        of `stop` being set."""
+        of `stop` being set. `on_update(client)` is called on the caller's thread as each client's update
+        is complete (in completion order), before the cohort is."""
 
 
 #: Below this many parameters one intra-op thread is fastest on CPU (per-step work is too small to split;
@@ -84,7 +85,7 @@ class SequentialExecutor:
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         updates = []
         for task in tasks:
@@ -96,4 +97,6 @@ class SequentialExecutor:
             )
             updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, loss,
                                         task.is_partial))
+            if on_update is not None:
+                on_update(task.client)
         return updates

@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.multiprocessing as mp
@@ -196,10 +196,11 @@ class WorkerPool:
         for key, value in global_state.items():
             self.global_state[key].copy_(value)
 
-    def run_round(self, tasks: list[tuple], training: TrainingConfig, mu: float,
-                  stop: threading.Event | None) -> dict[int, float]:
+    def run_round(self, tasks: list[tuple], training: TrainingConfig, mu: float, stop: threading.Event | None,
+                  on_update: Callable[[int], None] | None = None) -> dict[int, float]:
         """Train every task; return row -> mean loss. Raises `RunStopped` (after the workers have let go of
-        the round) when `stop` is set, and RuntimeError when a worker fails."""
+        the round) when `stop` is set, and RuntimeError when a worker fails. `on_update(row)` as each
+        row's update is complete."""
         self.round_id += 1
         self.counter.value = 0
         self.cancel.clear()
@@ -218,6 +219,8 @@ class WorkerPool:
             kind = message[0]
             if kind == "done" and message[1] == self.round_id:
                 losses[message[2]] = message[3]
+                if on_update is not None:
+                    on_update(message[2])
             elif kind == "idle" and message[1] == self.round_id:
                 idle += 1
             elif kind == "error":
@@ -291,7 +294,7 @@ class ProcessExecutor:
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         check_stop(stop)
         if not tasks:
@@ -307,7 +310,8 @@ class ProcessExecutor:
                 pool.send_state(global_state, len(tasks))
                 work = [(row, task.indices.detach().cpu().numpy(), task.num_epochs, task.seed)
                         for row, task in enumerate(tasks)]
-                losses = pool.run_round(work, training, mu, stop)
+                losses = pool.run_round(work, training, mu, stop,
+                                        on_update and (lambda row: on_update(tasks[row].client)))
                 states = [{k: v[row].clone() for k, v in pool.out.items()} for row in range(len(tasks))]
             except (KeyboardInterrupt, RuntimeError):
                 # the workers' state is unknown now: start over next time

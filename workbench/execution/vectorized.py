@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +86,15 @@ class VectorizedExecutor:
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         chunk = self._max_clients or len(tasks) or 1
         updates: list[ClientUpdate] = []
         for start in range(0, len(tasks), chunk):
-            updates += self._run_chunk(global_state, tasks[start:start + chunk], x, y, training, mu, stop)
+            done = self._run_chunk(global_state, tasks[start:start + chunk], x, y, training, mu, stop)
+            updates += done
+            for update in done if on_update is not None else ():
+                on_update(update.client)
         return updates
 
     def _run_chunk(self, global_state, tasks, x, y, training, mu, stop) -> list[ClientUpdate]:

@@ -9,8 +9,8 @@ from workbench.tracking.checkpoints import (CHECKPOINT_DIR, MODEL_DIR, Checkpoin
                                             read_checkpoint, server_state, write_checkpoint)
 from workbench.tracking.comparison import (SWEEP_PARENT_TAG, Comparison, compare, format_comparison, mean_curve,
                                            mean_std, rounds_to_reach)
-from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_TABLE, PARTITION_DIR, client_rows, load_partition,
-                                       log_partition)
+from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_PARTS_DIR, CLIENT_TABLE, PARTITION_DIR, client_rows,
+                                       load_client_table, load_partition, log_partition)
 from workbench.tracking.resuming import config_from_params, resume
 from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKING_ERRORS, TrackingUnavailable,
                                       check_tracking_uri, default_state_root, default_tracking_uri, final_metrics,
@@ -18,12 +18,13 @@ from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKIN
                                       open_client, ui_command)
 from workbench.tracking.sweeps import Sweep, sweep, sweep_configs
 
-__all__ = ["CHECKPOINT_DIR", "CLIENT_COLUMNS", "CLIENT_TABLE", "DEFAULT_EXPERIMENT", "FLUSH_ENV", "FLUSH_EVERY_S",
-           "MODEL_DIR", "PARTITION_DIR", "STATE_DIR_ENV", "SWEEP_PARENT_TAG", "TRACKING_ERRORS", "UNPUBLISHED_DIR",
+__all__ = ["CHECKPOINT_DIR", "CLIENT_COLUMNS", "CLIENT_PARTS_DIR", "CLIENT_TABLE", "DEFAULT_EXPERIMENT", "FLUSH_ENV",
+           "FLUSH_EVERY_S", "MODEL_DIR", "PARTITION_DIR", "STATE_DIR_ENV", "SWEEP_PARENT_TAG", "TRACKING_ERRORS", "UNPUBLISHED_DIR",
            "Checkpoint", "Comparison", "MlflowCallback", "Sweep", "TrackingUnavailable", "build_ready_model",
            "check_tracking_uri", "checkpoint_rounds", "client_rows", "compare", "config_from_params",
            "default_state_root", "default_tracking_uri", "final_metrics", "flush_interval", "format_comparison",
-           "get_or_create_experiment", "latest_checkpoint", "list_runs", "load_model", "load_partition",
-           "local_store_uri", "log_model", "log_partition", "mean_curve", "mean_std", "metric_histories", "open_client",
+           "get_or_create_experiment", "latest_checkpoint", "list_runs", "load_client_table", "load_model",
+           "load_partition", "local_store_uri", "log_model", "log_partition", "mean_curve", "mean_std",
+           "metric_histories", "open_client",
            "model_spec", "read_checkpoint", "resume", "rounds_to_reach", "server_state", "sweep", "sweep_configs",
            "ui_command", "write_checkpoint"]

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,13 +14,14 @@ from typing import Any
 
 import torch
 from mlflow.entities import Metric, Param, RunStatus
-from mlflow.exceptions import MlflowException
 
 from workbench.partition import partition_hash
 from workbench.simulation import Callback, Federation, History, RoundResult
 from workbench.tracking.checkpoints import (CHECKPOINT_DIR, Checkpoint, checkpoint_rounds, log_model, model_spec,
                                             server_state, write_checkpoint)
-from workbench.tracking.record import CLIENT_COLUMNS, CLIENT_TABLE, client_rows, log_partition
+from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_PARTS_DIR, CLIENT_TABLE, client_part_name,
+                                      client_part_sessions, client_rows, download_client_rows, log_partition,
+                                      read_client_rows, write_client_part)
 from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKING_ERRORS, TrackingUnavailable, _now_ms,
                                       check_tracking_uri, default_state_root, default_tracking_uri,
                                       get_or_create_experiment, open_client)
@@ -78,7 +78,12 @@ class MlflowCallback(Callback):
         self._in_flight: Future | None = None
         #: metrics of the rounds not sent yet (their checkpoints wait in `unpublished/next/`)
         self._unsent: list[tuple[int, dict[str, float]]] = []
+        #: client table rows not sent yet (they go as one append-only part with the next send)
+        self._unsent_rows: list[list[Any]] = []
+        #: the first run is session 1, each resume the next one: part names never repeat
+        self._session = 1
         self._sends = 0
+        self._parts = 0
         self._last_flush = 0.0
 
     @property
@@ -133,8 +138,10 @@ class MlflowCallback(Callback):
             self._best_round, self._best_value = result.round, accuracy
         with open(self.state_folder / "metrics.jsonl", "a") as file:
             file.write(json.dumps({"round": result.round, "metrics": result.metrics}) + "\n")
+        rows = client_rows(result)
         with open(self.state_folder / "client_rounds.csv", "a", newline="") as file:
-            csv.writer(file).writerows(client_rows(result))
+            csv.writer(file).writerows(rows)
+        self._unsent_rows += rows
         self._write_local_checkpoint()
         every, rounds = federation.config.checkpoint.every, federation.config.federation.rounds
         names = [f"round_{result.round:04d}"] if (every and result.round % every == 0) or result.round == rounds else []
@@ -152,12 +159,16 @@ class MlflowCallback(Callback):
         """Send the rounds not sent yet, on the publishing thread, after the previous send is through."""
         self._wait_in_flight(round_)
         unsent, self._unsent = self._unsent, []
+        rows, self._unsent_rows = self._unsent_rows, []
         staged = self.state_folder / UNPUBLISHED_DIR / "next"
+        if rows:
+            # the client table's rows since the last send, as a new part: the store never rewrites a file
+            self._parts += 1
+            (staged / CLIENT_PARTS_DIR).mkdir(parents=True, exist_ok=True)
+            write_client_part(staged / CLIENT_PARTS_DIR / client_part_name(self._session, self._parts, len(rows)),
+                              rows)
         send = None
         if staged.exists():
-            # with the client table as of the last round sent: one upload per send, not one per checkpoint
-            (staged / os.path.dirname(CLIENT_TABLE)).mkdir(exist_ok=True)
-            shutil.copyfile(self.state_folder / os.path.basename(CLIENT_TABLE), staged / CLIENT_TABLE)
             self._sends += 1
             send = staged.rename(staged.with_name(f"send_{self._sends:04d}"))
         if unsent or send:
@@ -166,7 +177,7 @@ class MlflowCallback(Callback):
 
     def _publish(self, unsent: list[tuple[int, dict[str, float]]], send: Path | None) -> None:
         """On the publishing thread: the rounds' metrics in one batch (one point per metric and round),
-        then their checkpoints and the client table in one upload."""
+        then their client table part and their checkpoints."""
         now = _now_ms()
         metrics = [Metric(k, float(v), now, round_) for round_, values in unsent for k, v in values.items()]
         for start in range(0, len(metrics), _MLFLOW_METRIC_LIMIT):
@@ -204,9 +215,11 @@ class MlflowCallback(Callback):
                 self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             if self._last_state is not None and self._uploaded_round != self._last_round:
                 # The last round's checkpoint, whatever the policy: a killed run resumes from there. The
-                # local one holds it (every round and every resume writes it), as written, with its table.
+                # local one holds it (every round and every resume writes it), as written.
                 self.client.log_artifacts(self.run_id, str(self.state_folder / "checkpoint"),
                                           f"{CHECKPOINT_DIR}/round_{self._last_round:04d}")
+            if history.status == "FINISHED":
+                # the whole table, once: a FINISHED run is never resumed, so this file is never rewritten
                 self.client.log_artifact(self.run_id, str(self.state_folder / os.path.basename(CLIENT_TABLE)),
                                          os.path.dirname(CLIENT_TABLE))
             if self._best_round:
@@ -256,8 +269,11 @@ class MlflowCallback(Callback):
                 shutil.copy2(source, target / source.name)
 
     def _upload_tree(self, send: Path) -> None:
-        """A staged send (checkpoints and client table, laid out as the run's artifacts) in one upload."""
-        self.client.log_artifacts(self.run_id, str(send))
+        """A staged send, laid out as the run's artifacts: the client table part first, then the checkpoints,
+        so that a checkpoint in the store implies that the rows up to its round are there too."""
+        for name in (os.path.dirname(CLIENT_TABLE), CHECKPOINT_DIR):
+            if (send / name).exists():
+                self.client.log_artifacts(self.run_id, str(send / name), name)
         rounds = [int(p.name.removeprefix("round_")) for p in (send / CHECKPOINT_DIR).glob("round_*")]
         self._uploaded_round = max([self._uploaded_round, *rounds])
         shutil.rmtree(send)
@@ -278,15 +294,27 @@ class MlflowCallback(Callback):
             pending = []
             if (local / "metrics.jsonl").exists():
                 for line in (local / "metrics.jsonl").read_text().splitlines():
-                    entry = json.loads(line)
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # cut short by a kill, after its round's checkpoint
+                        continue
                     if self._logged_before_resume < entry["round"] <= checkpoint.round:
                         pending.append(entry)
-            rows = [r for r in self._client_table_rows(local) if int(r[0]) <= checkpoint.round]
+            parts = [Path(a.path).name for a in self.client.list_artifacts(self.run_id, CLIENT_PARTS_DIR)]
+            self._session = max(client_part_sessions(parts), default=0) + 1
+            is_local = (local / "client_rounds.csv").exists()
+            table = (read_client_rows((local / "client_rounds.csv").read_text()) if is_local
+                     else download_client_rows(self.client, self.run_id))
+            rows = [r for r in table if int(r[0]) <= checkpoint.round]
+            # This machine's rows may include rounds whose part a kill cut short in the store: send them
+            # again, as one part of this session (each round's newest complete part counts).
+            self._unsent_rows = list(rows) if is_local else []
             local.mkdir(parents=True, exist_ok=True)
-            with open(local / "client_rounds.csv", "w", newline="") as file:
+            with open(local / ".client_rounds.csv.tmp", "w", newline="") as file:
                 writer = csv.writer(file)
                 writer.writerow(CLIENT_COLUMNS)
                 writer.writerows(rows)
+            os.replace(local / ".client_rounds.csv.tmp", local / "client_rounds.csv")  # a kill keeps the old
             with open(local / "metrics.jsonl", "w") as file:
                 file.writelines(json.dumps(e) + "\n" for e in pending)
             self._write_local_checkpoint()  # what the next uploads send (it may have come from MLflow)
@@ -305,6 +333,8 @@ class MlflowCallback(Callback):
         it was staged."""
         unpublished = self.state_folder / UNPUBLISHED_DIR
         staged = unpublished / "next" / CHECKPOINT_DIR
+        # parts of the client table left unsent: their rows go again in this session's first part
+        shutil.rmtree(unpublished / "next" / os.path.dirname(CLIENT_TABLE), ignore_errors=True)
         for send in sorted(unpublished.glob("send_*")):
             for folder in sorted((send / CHECKPOINT_DIR).glob("*")):
                 shutil.rmtree(staged / folder.name, ignore_errors=True)
@@ -318,18 +348,6 @@ class MlflowCallback(Callback):
         if (not checkpoint.is_remote and every and checkpoint.round % every == 0 and not (staged / name).exists()
                 and checkpoint.round not in checkpoint_rounds(self.client, self.run_id)):
             self._stage_checkpoint(name)
-
-    def _client_table_rows(self, local: Path) -> list[list[str]]:
-        """The client table so far: the local copy when this machine ran it, else MLflow's."""
-        path = local / "client_rounds.csv"
-        if not path.exists():
-            with tempfile.TemporaryDirectory() as folder:
-                try:
-                    path = Path(self.client.download_artifacts(self.run_id, CLIENT_TABLE, folder))
-                    return list(csv.reader(path.read_text().splitlines()))[1:]
-                except MlflowException:
-                    return []
-        return list(csv.reader(path.read_text().splitlines()))[1:]
 
 
 def flush_interval() -> float:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
+import itertools
 import json
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,22 +21,96 @@ from workbench.plots import partition_heatmap, to_png
 from workbench.simulation import Federation, RoundResult
 from workbench.tracking.store import open_client
 
+#: The whole table, logged once when a run FINISHES; until then (and after) the rows also live in parts.
 CLIENT_TABLE = "clients/client_rounds.csv"
-CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "is_partial", "train_loss",
-                  "update_norm", "drift", "test_accuracy")
+#: Append-only parts of the table, one per send to MLflow: `s<session>-<part>-<rows>rows.csv`. A part is
+#: never rewritten, so a kill in the middle of an upload can only leave that one part short; its row
+#: count in the name tells (`merge_client_parts` skips it), and the rounds it held are sent again.
+CLIENT_PARTS_DIR = "clients/parts"
+_PART_NAME = re.compile(r"s(\d+)-(\d+)-(\d+)rows\.csv")
+#: One row per client and round in which it trained or was evaluated. Of an update (empty for clients that
+#: sent none): num_samples, num_epochs, is_partial, local_train_loss (mean loss of its local mini-batches),
+#: update_norm, drift (cosine to the sample-weighted mean update). Of the new global model, in evaluation
+#: rounds: train_loss on the client's training data, test_accuracy on its own test data.
+CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "is_partial", "local_train_loss",
+                  "update_norm", "drift", "train_loss", "test_accuracy")
 PARTITION_DIR = "partition"
 
 
 def client_rows(result: RoundResult) -> list[list[Any]]:
     """One row per client that trained or was evaluated in this round (columns `CLIENT_COLUMNS`)."""
     rows = []
-    for client in sorted(set(result.client_metrics) | set(result.client_accuracy) | set(result.sampled)):
+    clients = set(result.client_metrics) | set(result.client_accuracy) | set(result.client_train_loss)
+    for client in sorted(clients | set(result.sampled)):
         m = result.client_metrics.get(client, {})
         rows.append([result.round, client, int(client in result.sampled),
-                     *(_cell(m.get(k)) for k in ("num_samples", "num_epochs", "is_partial", "train_loss",
+                     *(_cell(m.get(k)) for k in ("num_samples", "num_epochs", "is_partial", "local_train_loss",
                                                  "update_norm", "drift")),
-                     _cell(result.client_accuracy.get(client))])
+                     _cell(result.client_train_loss.get(client)), _cell(result.client_accuracy.get(client))])
     return rows
+
+
+def client_part_name(session: int, part: int, num_rows: int) -> str:
+    """The file name of a part of the client table (see `CLIENT_PARTS_DIR`)."""
+    return f"s{session:03d}-{part:05d}-{num_rows}rows.csv"
+
+
+def client_part_sessions(names: list[str]) -> list[int]:
+    """The sessions (the first run, then each resume) that wrote the parts called `names`."""
+    return sorted({int(m[1]) for m in map(_PART_NAME.fullmatch, names) if m})
+
+
+def write_client_part(path: Path, rows: list[list[Any]]) -> None:
+    """One part of the client table: the header, then `rows` (whole rounds)."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(CLIENT_COLUMNS)
+        writer.writerows(rows)
+
+
+def read_client_rows(text: str) -> list[list[str]]:
+    """The rows of a client table file (header dropped), without a last line that a kill cut short."""
+    rows = list(csv.reader(io.StringIO(text)))
+    return [r for r in rows[1:] if len(r) == len(CLIENT_COLUMNS)]
+
+
+def merge_client_parts(parts: dict[str, str]) -> list[list[str]]:
+    """The client table from its parts (`{file name: text}`): each round's rows from the newest complete
+    part that holds it (a resume sends again what it recomputes), rounds in order; a part whose rows fall
+    short of the count in its name was cut short by a kill and is skipped."""
+    by_round: dict[int, list[list[str]]] = {}
+    named = [(m, text) for m, text in ((_PART_NAME.fullmatch(name), text) for name, text in parts.items()) if m]
+    for match, text in sorted(named, key=lambda item: (int(item[0][1]), int(item[0][2]))):
+        lines = list(csv.reader(io.StringIO(text)))
+        body = lines[1:]
+        if (not lines or tuple(lines[0]) != CLIENT_COLUMNS or len(body) != int(match[3])
+                or any(len(r) != len(CLIENT_COLUMNS) for r in body)):
+            continue
+        for round_, rows in itertools.groupby(body, key=lambda r: int(r[0])):
+            by_round[round_] = list(rows)
+    return [row for round_ in sorted(by_round) for row in by_round[round_]]
+
+
+def download_client_rows(client: MlflowClient, run_id: str) -> list[list[str]]:
+    """A run's client table as logged in MLflow: the whole table of a finished run, else its parts merged
+    (no rows where it logged none)."""
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, os.path.dirname(CLIENT_TABLE))}
+    with tempfile.TemporaryDirectory() as folder:
+        if os.path.basename(CLIENT_TABLE) in names:
+            return read_client_rows(Path(client.download_artifacts(run_id, CLIENT_TABLE, folder)).read_text())
+        if os.path.basename(CLIENT_PARTS_DIR) not in names:
+            return []
+        local = Path(client.download_artifacts(run_id, CLIENT_PARTS_DIR, folder))
+        return merge_client_parts({p.name: p.read_text() for p in local.iterdir()})
+
+
+def load_client_table(run_id: str, tracking_uri: str | None = None):
+    """A run's per-client table (`CLIENT_COLUMNS`) as a pandas DataFrame, finished or not."""
+    import pandas
+
+    rows = download_client_rows(open_client(tracking_uri), run_id)
+    frame = pandas.DataFrame(rows, columns=list(CLIENT_COLUMNS))
+    return frame.apply(pandas.to_numeric)
 
 
 def _cell(value: float | None) -> str:
@@ -42,22 +120,27 @@ def _cell(value: float | None) -> str:
 
 
 def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> None:
-    """The run's partition under `partition/`: summary.json (statistics and hash), counts.csv (client x
-    class), clients.npz (every client's sample indices) and heatmap.png."""
+    """The run's partition under `partition/`: summary.json (statistics, hash, how the clients' test sets
+    were chosen), counts.csv (client x class, training samples; test samples per client), clients.npz
+    (every client's training and test sample indices) and heatmap.png."""
     labels = federation.dataset.y_train.cpu().numpy()
     stats = describe(labels, federation.clients, federation.dataset.num_classes)
+    tests = federation.client_tests
+    test_sizes = tests.sizes if tests is not None else np.zeros(len(federation.clients), np.int64)
     summary = {"scheme": federation.config.partition.scheme, "partition_hash": partition_hash(federation.clients),
-               **stats.summary()}
+               "client_test_rule": tests.rule if tests is not None else "none", **stats.summary()}
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "summary.json").write_text(json.dumps(summary, indent=2))
         with open(Path(folder, "counts.csv"), "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["client", *(f"class_{c}" for c in range(stats.counts.shape[1])), "size"])
-            writer.writerows([k, *row, size] for k, (row, size) in enumerate(zip(stats.counts.tolist(),
-                                                                                  stats.sizes.tolist())))
+            writer.writerow(["client", *(f"class_{c}" for c in range(stats.counts.shape[1])), "size", "test_size"])
+            writer.writerows([k, *row, size, test] for k, (row, size, test) in enumerate(
+                zip(stats.counts.tolist(), stats.sizes.tolist(), test_sizes.tolist())))
         sizes = np.array([len(c) for c in federation.clients], dtype=np.int64)
         joined = np.concatenate(federation.clients).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
-        np.savez_compressed(Path(folder, "clients.npz"), indices=joined, sizes=sizes)
+        np.savez_compressed(Path(folder, "clients.npz"), indices=joined, sizes=sizes,
+                            test_indices=tests.flat if tests is not None else np.zeros(0, np.int64),
+                            test_sizes=test_sizes)
         Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts))
         client.log_artifacts(run_id, folder, PARTITION_DIR)
 
@@ -75,11 +158,17 @@ def _heatmap_png(counts: np.ndarray) -> bytes:
     return _heatmap_png_cached(counts.tobytes(), counts.shape)
 
 
-def load_partition(run_id: str, tracking_uri: str | None = None) -> list[np.ndarray]:
-    """The client index arrays a run trained on, as logged by `log_partition`."""
+def load_partition(run_id: str, tracking_uri: str | None = None, split: str = "train") -> list[np.ndarray]:
+    """The client index arrays a run trained on (`split="train"`, into the training set) or evaluated each
+    client on (`split="test"`, into the test set), as logged by `log_partition`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     client = open_client(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(client.download_artifacts(run_id, f"{PARTITION_DIR}/clients.npz", folder))
         with np.load(local) as arrays:
-            indices, sizes = arrays["indices"], arrays["sizes"]
+            prefix = "" if split == "train" else "test_"
+            if f"{prefix}indices" not in arrays:
+                raise ValueError(f"run {run_id} logged no per-client test split (an older version of workbench)")
+            indices, sizes = arrays[f"{prefix}indices"], arrays[f"{prefix}sizes"]
     return np.split(indices, np.cumsum(sizes)[:-1]) if len(sizes) else []

@@ -358,8 +358,9 @@ class ExperimentPanel(widgets.VBox):
             return widgets.HTML("no run yet: press Run in the panel above")
         final = self.history.final()
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{final[k]:.4f}</td></tr>"
-                       for k in ("test_accuracy", "test_loss", "train_loss", "client_accuracy_median",
-                                 "client_accuracy_p10", "client_accuracy_min") if k in final)
+                       for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy",
+                                 "client_accuracy_median", "client_accuracy_p10", "client_accuracy_min",
+                                 "num_clients_at_zero_accuracy") if k in final)
         return widgets.HTML(
             f"<b>{html.escape(self.history.status)}</b> after {len(self.history.rounds)} rounds · MLflow "
             f"experiment <code>{html.escape(self.experiment)}</code>, run <code>{self.run_id}</code><br>"
