@@ -28,8 +28,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "01_quickstart.ipynb"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-#: Small enough that rounds take a fraction of a second, long enough to still run when Stop is pressed.
-BROWSER_PARAMETERS = {"EXPERIMENT": "browser", "NUM_CLIENTS": 8, "CLIENTS_PER_ROUND": 4, "ROUNDS": 100,
+#: Rounds of a fraction of a second, and so many of them (hours of work) that the run is still going when
+#: Stop is pressed however fast the machine: every step before Stop has a timeout of a minute or two, so
+#: the test cannot get there after the run could have finished (with 100 rounds, a fast machine finished
+#: them before the test pressed Stop, and the run ended FINISHED).
+BROWSER_PARAMETERS = {"EXPERIMENT": "browser", "NUM_CLIENTS": 8, "CLIENTS_PER_ROUND": 4, "ROUNDS": 1_000_000,
                       "LOCAL_EPOCHS": 2, "SEED": 57, "START_RUN": False}
 
 
