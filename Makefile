@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test mutation install system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/workbench demo
@@ -13,6 +13,13 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 install: $(STAMP)
+
+# Mutation testing of the numerical core with the fast tests ([tool.mutmut] in pyproject.toml); prints the
+# score and every surviving mutant. `$(BIN)/mutmut show NAME` shows one; `mutmut browse` all of them.
+mutation: $(STAMP)
+	rm -rf mutants
+	WORKBENCH_TEST_EXECUTOR=sequential OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 # Reinstall only when the project's requirements change.
 $(STAMP): pyproject.toml

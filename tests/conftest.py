@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -30,14 +31,24 @@ def tracking_uri(tmp_path, _template_store) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+#: `make mutation` sets it to `sequential`, so that no mutant starts a pool of worker processes.
+EXECUTOR_ENV = "WORKBENCH_TEST_EXECUTOR"
+
+
 @pytest.fixture
 def tiny_config() -> ExperimentConfig:
     """Synthetic(1, 1), a few clients and rounds: seconds, not minutes."""
     return ExperimentConfig().with_overrides({
         "federation.num_clients": 8, "federation.clients_per_round": 4, "federation.rounds": 3,
         "training.local_epochs": 2, "training.batch_size": 10, "training.lr": 0.05,
-        "device": "cpu",
+        "device": "cpu", "execution.executor": os.environ.get(EXECUTOR_ENV, "auto"),
     })
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if {"tracking_uri", "mlflow_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mlflow)
 
 
 @pytest.fixture(autouse=True)
