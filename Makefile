@@ -16,6 +16,8 @@ install: $(STAMP)
 
 # Mutation testing of the numerical core with the fast tests ([tool.mutmut] in pyproject.toml); prints the
 # score and every surviving mutant. `$(BIN)/mutmut show NAME` shows one; `mutmut browse` all of them.
+# One OpenMP thread: mutmut forks each mutant from a process whose torch has started its thread pool, and
+# a forked child of a running libgomp pool hangs in its first parallel region.
 mutation: $(STAMP)
 	rm -rf mutants
 	WORKBENCH_TEST_EXECUTOR=sequential OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from workbench.client import train_locally
 from workbench.config import ExperimentConfig
-from workbench.execution import (ClientTask, ProcessExecutor, RunStopped, SequentialExecutor,
+from workbench.execution import (ClientTask, LocalTrainer, ProcessExecutor, RunStopped, SequentialExecutor,
                                  VectorizedExecutor, batch_order, batch_schedule, build_executor,
                                  resolve_executor, train_chain_locally, linear_chain, usable_cpus,
                                  why_not_batchable)
@@ -142,8 +143,28 @@ def test_fused_kernel_equals_train_locally(model_name, mu):
     out, loss = train_chain_locally(linear_chain(model), global_state, x, y,
                                     generator=torch.Generator().manual_seed(4), **kwargs)
     assert max_diff(ref, out) < 1e-12
-    assert loss == pytest.approx(ref_loss, rel=1e-6)  # train_locally sums the loss in float32
+    assert loss == pytest.approx(ref_loss, rel=1e-12)  # both sum the loss in the model's precision
     assert linear_chain(build_model("cnn", (1, 8, 8), 3, torch.Generator())) is None
+    # a client without the last classes: the one-hot targets still span all 5 outputs
+    few = y % 3
+    ref, ref_loss = train_locally(model, global_state, x, few, generator=torch.Generator().manual_seed(4), **kwargs)
+    out, loss = train_chain_locally(linear_chain(model), global_state, x, few,
+                                    generator=torch.Generator().manual_seed(4), **kwargs)
+    assert max_diff(ref, out) < 1e-12 and loss == pytest.approx(ref_loss, rel=1e-12)
+
+
+def test_local_trainer_uses_the_kernel_where_it_applies_and_train_locally_elsewhere():
+    x, y = torch.randn(17, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (17,))
+    kwargs = dict(num_epochs=2, batch_size=4, lr=0.2, mu=0.3)
+    for name, kernel in (("mlp", True), ("mlp", False), ("cnn", True)):
+        model = build_model(name, (1, 8, 8), 4, torch.Generator().manual_seed(1)).double()
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = LocalTrainer(copy.deepcopy(model), use_kernel=kernel)
+        assert trainer.uses_kernel == (kernel and name == "mlp")
+        out, loss = trainer(global_state, x, y, generator=torch.Generator().manual_seed(2), **kwargs)
+        ref, ref_loss = train_locally(model, global_state, x, y, generator=torch.Generator().manual_seed(2), **kwargs)
+        assert max_diff(ref, out) < 1e-12 and loss == pytest.approx(ref_loss, rel=1e-12), (name, kernel)
+    assert LocalTrainer(build_model("logreg", (60,), 10, torch.Generator())).uses_kernel
 
 
 def test_batch_schedule_is_train_locally_s_order():

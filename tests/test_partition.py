@@ -364,8 +364,18 @@ def test_a_run_trains_on_feature_skewed_inputs_and_tests_on_clean_ones(tiny_conf
     first, last = noisy.clients[0], noisy.clients[-1]
     assert torch.equal(iid.dataset.x_train[first], noisy.dataset.x_train[first])
     assert float((noisy.dataset.x_train[last] - iid.dataset.x_train[last]).std()) == pytest.approx(0.9, abs=0.05)
-    with pytest.raises(ValueError, match="partition.scheme='rotation' rotates images"):
+    with pytest.raises(ValueError, match=r"^partition.scheme='rotation' rotates images of shape \(channels, "
+                                         r"height, width\), but data.name=synthetic has inputs of shape \(60,\) "
+                                         r"\(use partition.scheme=feature_noise for vector data, or an image dataset: "
+                                         r"data.name=digits, fashion_mnist, mnist or cifar10\)$"):
         prepare(tiny_config.with_overrides({"partition.scheme": "rotation"}))
+    with pytest.raises(ValueError, match=r"but this dataset has inputs of shape \(4,\)"):
+        apply_feature_skew(torch.zeros(2, 4), [np.arange(2)], config_of("rotation"), np.random.default_rng(0))
+    # the noise is seeded from the whole seed space: 40 seeds, 40 different noises
+    noises = {float(apply_feature_skew(torch.zeros(2, 3), [np.array([0]), np.array([1])],
+                                       config_of("feature_noise", noise_sigma=1.0),
+                                       np.random.default_rng(seed))[1, 0]) for seed in range(40)}
+    assert len(noises) == 40
 
 
 def test_runs_record_their_partition_in_mlflow(tiny_config, tracking_uri):
@@ -428,3 +438,253 @@ def test_cli_partition_refuses_infeasible_settings_in_one_line(tmp_path, capsys)
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("workbench: error: partition.classes_per_client=11 is more than the 10 classes")
+
+
+# ----- pinned by hand: what mutation testing showed the properties above let through -----
+
+from workbench.partition import (STAT_DESCRIPTIONS, _repair_min_size, owner_of,  # noqa: E402
+                                 partition_classes_per_client, partition_dirichlet, partition_natural,
+                                 partition_quantity, partition_shards, skew_preview)
+
+
+def test_summary_of_a_known_partition_by_hand():
+    # client 0: 3 of class 0, 1 of class 1 (a class with one sample still counts as present);
+    # client 1: 4 of class 1; class 2 is absent everywhere (not "missing" for anyone)
+    stats = stats_from_counts(np.array([[3, 1, 0], [0, 4, 0]]))
+    overall = np.array([3, 5, 0]) / 8
+    local = np.array([[0.75, 0.25, 0], [0, 1, 0]])
+    tv = 0.5 * np.abs(local - overall).sum(axis=1)
+    entropy0 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    summary = stats.summary()
+    assert set(summary) == set(STAT_DESCRIPTIONS)
+    assert summary == pytest.approx({
+        "num_clients": 2, "num_samples": 8, "size_min": 4, "size_mean": 4, "size_max": 4, "size_std": 0,
+        "size_gini": 0, "classes_per_client_mean": 1.5, "classes_missing_mean": 0.5,
+        "effective_classes_mean": (math.exp(entropy0) + 1) / 2, "effective_classes_min": 1.0,
+        "label_tv_mean": tv.mean(), "label_tv_max": tv.max(),
+        "label_js_mean": float(stats.js.mean()), "label_js_max": float(stats.js.max())})
+    assert 0 < stats.js[0] < stats.js[1] <= 1
+    unequal = stats_from_counts(np.array([[1, 0], [2, 0], [9, 0]])).summary()
+    assert unequal["size_std"] == pytest.approx(np.std([1, 2, 9])) and unequal["size_min"] == 1
+
+
+def test_gini_by_hand():
+    assert gini([0, 1]) == pytest.approx(0.5) and gini([1, 3]) == pytest.approx(0.25)
+    assert gini([]) == 0.0 and gini([0, 0]) == 0.0 and gini([7]) == 0.0
+
+
+def test_owner_of_marks_unheld_samples():
+    assert owner_of([np.array([2]), np.array([0, 3])], 5).tolist() == [1, -1, 0, 1, -1]
+    assert owner_of([], 2).tolist() == [-1, -1]
+
+
+def test_count_matrix_of_no_clients_and_of_empty_clients():
+    assert count_matrix(np.array([0, 1]), [], 2).shape == (0, 2)
+    assert count_matrix(np.array([0, 1]), [np.zeros(0, int), np.array([1])], 2).tolist() == [[0, 0], [0, 1]]
+
+
+def test_quantity_sizes_are_the_largest_remainder_of_the_drawn_shares():
+    # the same draw as partition_quantity makes first: sizes within one sample of min_size + share * rest
+    for distribution, draw in (("dirichlet", lambda rng: rng.dirichlet(np.full(7, 0.5))),
+                               ("lognormal", lambda rng: rng.lognormal(0.0, 1.0, 7))):
+        parts = partition_quantity(1000, 7, np.random.default_rng(3), distribution=distribution, min_size=5)
+        weights = draw(np.random.default_rng(3))
+        exact = 5 + weights / weights.sum() * (1000 - 7 * 5)
+        sizes = np.array([len(p) for p in parts])
+        assert sizes.sum() == 1000 and np.all(np.abs(sizes - exact) < 1), distribution
+        # the extra samples went to the largest remainders
+        extra, remainder = sizes - np.floor(exact), exact - np.floor(exact)
+        assert remainder[extra == 1].min(initial=1) >= remainder[extra == 0].max(initial=0), distribution
+        # the defaults are the documented ones: dirichlet, alpha 0.5, sigma 1, min_size 1
+    defaults = partition_quantity(500, 6, np.random.default_rng(4))
+    explicit = partition_quantity(500, 6, np.random.default_rng(4), distribution="dirichlet", alpha=0.5, min_size=1)
+    assert all(np.array_equal(a, b) for a, b in zip(defaults, explicit))
+    lognormal = partition_quantity(500, 6, np.random.default_rng(4), distribution="lognormal")
+    assert all(np.array_equal(a, b) for a, b in zip(lognormal, partition_quantity(
+        500, 6, np.random.default_rng(4), distribution="lognormal", sigma=1.0)))
+    # tiny alpha: everything beyond min_size goes to one client
+    tiny = partition_quantity(500, 6, np.random.default_rng(4), alpha=1e-300, min_size=3)
+    assert sorted(len(p) for p in tiny) == [3, 3, 3, 3, 3, 485]
+    with pytest.raises(ValueError, match=r"^partition.quantity_distribution 'uniform' is unknown "
+                                         r"\(choose dirichlet or lognormal\)$"):
+        partition_quantity(500, 6, np.random.default_rng(4), distribution="uniform")
+
+
+def test_dirichlet_at_the_limits_of_alpha():
+    labels = np.repeat(np.arange(6), 50)
+    one_each = partition_dirichlet(labels, 12, 1e-300, np.random.default_rng(0), min_size=0)
+    counts = count_matrix(labels, one_each, 6)
+    assert np.all((counts > 0).sum(axis=0) == 1)  # alpha -> 0: each class goes to one client
+    # the default min_size is 1: some clients keep exactly one sample after the repair
+    sizes = [len(p) for p in partition_dirichlet(labels, 40, 1e-3, np.random.default_rng(0))]
+    assert min(sizes) == 1 and sizes.count(1) >= 20
+
+
+def test_min_size_repair_takes_from_the_clients_with_most_to_spare():
+    # sizes 10, 6, 0, 0 with min_size 2: 4 samples missing; water-filling from the top takes all 4 from
+    # client 0 (spare 8 vs 4), leaving 6, 6, 2, 2; one missing takes one from client 0 only
+    owner = np.repeat([0, 1], [10, 6])
+    repaired = _repair_min_size(np.concatenate([owner, []]).astype(np.int64), 4, 2, np.random.default_rng(0))
+    assert np.bincount(repaired, minlength=4).tolist() == [6, 6, 2, 2]
+    assert np.array_equal(repaired[10:], owner[10:])  # client 1 gave nothing
+    one_short = np.repeat([0, 1, 2], [9, 5, 1])
+    repaired = _repair_min_size(one_short, 3, 2, np.random.default_rng(0))
+    assert np.bincount(repaired, minlength=3).tolist() == [8, 5, 2]
+    # levels: spares 7, 6, 1 with 3 missing -> 7 and 6 give down to a common level (5 and 5): 2 + 1
+    three_short = np.repeat([0, 1, 2, 3], [9, 8, 3, 0])
+    repaired = _repair_min_size(three_short, 4, 2, np.random.default_rng(0))
+    sizes = np.bincount(repaired, minlength=4).tolist()
+    assert sizes[2:] == [3, 2] and sorted(sizes[:2]) == [7, 8]
+    assert np.array_equal(_repair_min_size(one_short, 3, 1, np.random.default_rng(0)), one_short)
+
+
+def test_shards_boundaries_and_messages():
+    labels = np.repeat(np.arange(4), 5)  # 20 samples
+    parts = partition_shards(labels, 10, 2, np.random.default_rng(0))  # 20 shards of one sample: allowed
+    assert [len(p) for p in parts] == [2] * 10
+    with pytest.raises(ValueError, match=r"^partition.shards_per_client=3 x federation.num_clients=10 = 30 "
+                                         r"shards, more than the 20 training samples \(use shards_per_client <= 2\)$"):
+        partition_shards(labels, 10, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"^partition.min_size=5 cannot be met: 2 shards of 2 samples per client "
+                                         r"can give a client 4 \(lower min_size or raise shards_per_client\)$"):
+        partition_shards(labels, 5, 2, np.random.default_rng(0), min_size=5)
+    assert min(len(p) for p in partition_shards(labels, 5, 2, np.random.default_rng(0), min_size=4)) == 4
+    with pytest.raises(ValueError, match=r"^partition.min_size=5 cannot be met: 2 shards of 2 or 3"):  # partition()
+        partition(labels, 4, config_of("shards", shards_per_client=2, min_size=5), np.random.default_rng(0))
+    # 23 samples in 6 shards: five of 4 and one of 3; 3 shards per client give at least 3 + 4 + 4 = 11
+    odd = np.arange(23) % 4
+    for seed in range(10):
+        assert min(len(p) for p in partition_shards(odd, 2, 3, np.random.default_rng(seed), min_size=11)) >= 11
+    with pytest.raises(ValueError, match=r"min_size=12 cannot be met: 3 shards of 3 or 4 samples per client can "
+                                         r"give a client 11"):
+        partition_shards(odd, 2, 3, np.random.default_rng(0), min_size=12)
+    with pytest.raises(ValueError, match=r"\(use shards_per_client <= 1\)$"):
+        partition_shards(np.arange(10) % 2, 10, 2, np.random.default_rng(0))
+    # labels in any order: shards are cut from the label-sorted samples, so clients still hold few labels
+    shuffled = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 60))
+    parts = partition_shards(shuffled, 30, 2, np.random.default_rng(0))
+    assert (count_matrix(shuffled, parts, 10) > 0).sum(axis=1).max() <= 2
+    # the default min_size is 1: one shard of one sample each is fine
+    assert [len(p) for p in partition_shards(labels, 20, 1, np.random.default_rng(0))] == [1] * 20
+    # shards hold consecutive label-sorted samples: with one shard per client, each client holds one class
+    single = partition(labels, 4, config_of("shards", shards_per_client=1), np.random.default_rng(0))
+    assert np.all((count_matrix(labels, single, 4) > 0).sum(axis=1) == 1)
+
+
+def test_classes_per_client_covers_every_class_when_the_slots_just_suffice():
+    labels = np.repeat(np.arange(10), 30)
+    for seed in range(20):
+        parts = partition(labels, 5, config_of("classes_per_client", classes_per_client=2),
+                          np.random.default_rng(seed))  # 5 x 2 = 10 slots for 10 classes
+        counts = count_matrix(labels, parts, 10)
+        assert np.all((counts > 0).sum(axis=1) == 2) and np.all((counts > 0).sum(axis=0) == 1)
+    with pytest.raises(ValueError, match=r"partition.classes_per_client=2 x federation.num_clients=4 = 8 class "
+                                         r"slots cannot hold all 10 classes, .*\(use classes_per_client >= 3 or at "
+                                         r"least 5 clients\)$"):
+        partition(labels, 4, config_of("classes_per_client", classes_per_client=2), np.random.default_rng(0))
+    for seed in range(20):  # one class each: the slots are exactly the classes
+        parts = partition(labels, 10, config_of("classes_per_client", classes_per_client=1),
+                          np.random.default_rng(seed))
+        assert np.all((count_matrix(labels, parts, 10) > 0).sum(axis=0) == 1)
+    # the default min_size is 1: a class of one sample may be a client's only data
+    single = partition_classes_per_client(np.array([0, 1, 1, 1]), 2, 1, np.random.default_rng(0))
+    assert sorted(len(p) for p in single) == [1, 3]
+    # min_size is per client: 2 classes of 100 among 3 clients leave a class split in two, clients of 50
+    with pytest.raises(ValueError, match=r"partition.min_size=60 .* the smallest of 3 clients gets 50 samples"):
+        partition(np.repeat(np.arange(2), 100), 3, config_of("classes_per_client", classes_per_client=1,
+                                                             min_size=60), np.random.default_rng(0))
+    # min_size is checked per client (each of 3 clients gets 100 samples of its classes), not per class
+    parts = partition(np.repeat(np.arange(3), 100), 3, config_of("classes_per_client", classes_per_client=1,
+                                                                 min_size=100), np.random.default_rng(0))
+    assert sorted(len(p) for p in parts) == [100, 100, 100]
+    with pytest.raises(ValueError, match=r"partition.min_size=101 .* the smallest of 3 clients gets 100 samples"):
+        partition(np.repeat(np.arange(3), [100, 105, 110]), 3, config_of("classes_per_client", classes_per_client=1,
+                                                                         min_size=101), np.random.default_rng(0))
+
+
+def test_mixture_keeps_min_size_for_both_groups_at_the_feasibility_limit():
+    labels = labels_of(50, 2, 0)  # 10 clients x min_size 5 = exactly the 50 samples
+    for fraction in (0.1, 0.3, 0.7, 0.9):
+        parts = partition(labels, 10, config_of("mixture", iid_fraction=fraction, min_size=5,
+                                                mixture_skew="quantity"), np.random.default_rng(0))
+        assert [len(p) for p in parts] == [5] * 10, fraction
+
+
+def test_natural_clients_meet_min_size_exactly_or_are_refused():
+    clients = [np.array([0, 1, 2]), np.array([3, 4])]
+    assert [p.tolist() for p in partition_natural(clients, 5, 2)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match=r"^partition.min_size=3 cannot be met by the natural clients, the "
+                                         r"smallest holds 2 samples \(lower min_size\)$"):
+        partition_natural(clients, 5, 3)
+    for overlapping in ([np.array([0, 1]), np.array([1, 2])], [np.array([0, 1]), np.array([1])]):
+        with pytest.raises(ValueError, match=r"^the dataset's natural clients do not cover every training sample "
+                                             r"exactly once$"):
+            partition_natural(overlapping, 3, 1)
+    with pytest.raises(ValueError, match=r"^partition.scheme='natural' needs a dataset with real clients, and this "
+                                         r"one has none \(use data.name=synthetic or synthetic_iid, or choose "
+                                         r"partition.scheme=iid/dirichlet/shards\)$"):
+        partition(labels_of(10, 2, 0), 2, config_of("natural"), np.random.default_rng(0))
+
+
+def test_infeasible_sizes_name_the_numbers():
+    with pytest.raises(ValueError, match=r"^federation.num_clients=7 x partition.min_size=3 needs 21 training "
+                                         r"samples, but the dataset has 20 \(use at most 6 clients, or a smaller "
+                                         r"min_size\)$"):
+        partition(labels_of(20, 2, 0), 7, config_of("iid", min_size=3), np.random.default_rng(0))
+
+
+def test_knobs_in_use_of_quantity_skew_follow_the_distribution():
+    assert knobs_in_use(config_of("quantity")) == {"partition.min_size", "partition.quantity_distribution",
+                                                   "partition.quantity_alpha"}
+    assert knobs_in_use(config_of("quantity", quantity_distribution="lognormal")) == {
+        "partition.min_size", "partition.quantity_distribution", "partition.quantity_sigma"}
+    assert knobs_in_use(config_of("mixture", mixture_skew="quantity")) == {
+        "partition.min_size", "partition.iid_fraction", "partition.mixture_skew",
+        "partition.quantity_distribution", "partition.quantity_alpha"}
+    assert knobs_in_use(config_of("iid")) == {"partition.min_size"}
+
+
+def test_test_split_leaves_out_classes_no_client_trains_on_and_keeps_single_sample_classes():
+    train = np.array([0, 0, 0, 1, 1, 2])  # class 2 has one training sample (client 1); class 3 has none
+    clients = [np.array([0, 1, 2, 3]), np.array([4, 5])]
+    test = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    split = partition_test_by_labels(train, clients, test, np.random.default_rng(0))
+    assert sorted(test[split[1]].tolist()).count(2) == 2  # the holder of class 2 gets both its test samples
+    assert 3 not in test[np.concatenate(split)]  # nobody trains on class 3: nobody is tested on it
+    assert sorted(np.concatenate(split).tolist()) == [0, 1, 2, 3, 4, 5]
+    # a test set without the highest classes
+    split = partition_test_by_labels(train, clients, np.array([0, 0, 1]), np.random.default_rng(0))
+    assert sorted(np.concatenate(split).tolist()) == [0, 1, 2]
+
+
+def test_skew_preview_shows_spread_clients_as_they_see_one_input():
+    sample = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8) / 64
+    shown, views = skew_preview(sample, 11, config_of("rotation", max_rotation=100.0), np.random.default_rng(0))
+    assert shown.tolist() == [0, 2, 4, 6, 8, 10] and views.shape == (6, 1, 8, 8)
+    assert torch.equal(views[0], sample)  # client 0 of 11: no rotation
+    expected = rotate_images(sample.unsqueeze(0), torch.tensor([100.0 * 10 / 11]))[0]
+    assert torch.allclose(views[-1], expected, atol=1e-6)
+    few, _ = skew_preview(sample, 3, config_of("feature_noise"), np.random.default_rng(0), num_shown=6)
+    assert few.tolist() == [0, 1, 2]
+    colour = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    _, views = skew_preview(colour, 5, config_of("feature_noise", noise_sigma=0.0), np.random.default_rng(0))
+    assert views.shape == (5, 3, 4, 4) and torch.equal(views[2], colour)
+
+
+def test_more_than_65535_clients_or_classes_keep_their_own_indices():
+    # client and class ids are narrowed to uint16 for a radix sort where they fit, and only there
+    from workbench.partition import _class_codes, _groups
+
+    groups = _groups(np.array([70_000, 5_000, 70_000, 0]), 70_001)
+    assert groups[0].tolist() == [3] and groups[5_000].tolist() == [1] and groups[70_000].tolist() == [0, 2]
+    labels = np.arange(70_001)[::-1]
+    codes, sizes = _class_codes(labels)
+    assert np.array_equal(codes, labels) and np.all(sizes == 1)
+    num = 70_000
+    parts = partition(np.zeros(num + 5, dtype=np.int64), num, config_of("iid"), np.random.default_rng(0))
+    assert len(parts) == num and sorted(len(p) for p in parts)[-5:] == [2] * 5
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(num + 5))
+    distinct = np.arange(num)  # every sample its own class
+    parts = partition(distinct, 2, config_of("dirichlet", alpha=0.5), np.random.default_rng(0))
+    assert np.array_equal(np.sort(np.concatenate(parts)), distinct)
+    assert np.all(count_matrix(distinct, parts, num).sum(axis=0) == 1)

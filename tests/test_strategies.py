@@ -50,3 +50,18 @@ def test_fedavg_drops_stragglers_fedprox_keeps_them():
 def test_build_strategy():
     assert build_strategy(StrategyConfig(name="fedavg")).proximal_mu == 0
     assert build_strategy(StrategyConfig(name="fedprox", mu=0.3)).proximal_mu == 0.3
+
+
+def test_weighted_average_keeps_dtypes_accepts_fractional_weights_and_says_what_is_wrong():
+    states = [{"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(4)},
+              {"w": torch.tensor([3.0, 6.0]), "steps": torch.tensor(8)}]
+    out = weighted_average(states, [0.25, 0.75])  # total weight 1
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    assert out["steps"].dtype == torch.int64 and int(out["steps"]) == 7
+    doubled = weighted_average([{"w": torch.tensor([1.0], dtype=torch.float64)}], [3])
+    assert doubled["w"].dtype == torch.float64
+    with pytest.raises(ValueError, match=r"^weighted_average needs at least one state$"):
+        weighted_average([], [])
+    with pytest.raises(ValueError, match=r"^weighted_average needs a positive total weight, got 0.0$"):
+        weighted_average(states, [0, 0])
+    assert torch.allclose(weighted_average(states, [0.5, 0.25])["w"], torch.tensor([5 / 3, 10 / 3]))

@@ -206,3 +206,28 @@ def test_extra_memory_is_a_few_tensors_not_clients_times_parameters():
     largest, num_parameters, num_clients = 512 * 512 * 4, (512 * 512 + 256 * 256 + 512) * 4, 48
     assert stacked >= 0.9 * num_clients * num_parameters, f"the instrument missed a {num_clients}-client matrix"
     assert streaming <= 4 * largest + 2**20, (streaming, stacked)
+
+
+def test_all_zero_weights_leave_no_mean_direction():
+    global_state = {"w": torch.zeros(3)}
+    states = [{"w": torch.tensor([1.0, 0.0, 0.0])}, {"w": torch.tensor([0.0, 2.0, 0.0])}]
+    norms, drifts = update_statistics(global_state, states, [0, 0])
+    assert norms == pytest.approx([1.0, 2.0]) and drifts == [0.0, 0.0]
+
+
+def test_opposite_updates_have_cosine_minus_one_at_most():
+    # d and -2d with equal weights: the mean is -d/2, so the first update's exact cosine is -1
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        d = torch.randn(1000, generator=g)
+        _, drifts = update_statistics({"w": torch.zeros(1000)}, [{"w": d}, {"w": -2 * d}], [1, 1])
+        assert all(-1.0 <= x <= 1.0 for x in drifts) and drifts == pytest.approx([-1.0, 1.0])
+
+
+def test_a_model_of_mixed_precision_is_measured_in_float64():
+    global_state = {"a": torch.zeros(2, dtype=torch.float32), "b": torch.zeros(2, dtype=torch.float64)}
+    states = [{"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([0.0, 4.0], dtype=torch.float64)},
+              {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 0.0], dtype=torch.float64)}]
+    norms, drifts = update_statistics(global_state, states, [1, 3])
+    expected_norms, expected_drifts = numpy_statistics(global_state, states, [1, 3])
+    assert norms == pytest.approx(expected_norms, rel=1e-12) and drifts == pytest.approx(expected_drifts, abs=1e-12)

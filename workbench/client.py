@@ -57,7 +57,7 @@ def train_locally(
     names = [name for name, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     anchors = [global_state[name].detach() for name in names]
-    total_loss = torch.zeros((), device=x.device)
+    total_loss = torch.zeros((), dtype=params[0].dtype, device=x.device)  # float64 models sum in float64
     num_samples = len(y)
     for _ in range(num_epochs):
         order = torch.randperm(num_samples, generator=generator).to(x.device)

@@ -108,11 +108,9 @@ def partition_dirichlet(
     """
     labels = np.asarray(labels)
     codes, class_sizes = _class_codes(labels)
+    # numpy (>= 1.25) draws tiny alphas by stick-breaking, so every row is finite and sums to 1 even
+    # where all gamma draws would underflow (alpha = 1e-300 gives one client per class, the limit)
     shares = rng.dirichlet(np.full(num_clients, alpha), size=len(class_sizes))
-    broken = ~np.isfinite(shares).all(axis=1) | (shares.sum(axis=1) <= 0)
-    if broken.any():  # underflow of every gamma draw for tiny alpha: the limit is one client per class
-        shares[broken] = 0.0
-        shares[np.flatnonzero(broken), rng.integers(num_clients, size=int(broken.sum()))] = 1.0
     cuts = np.rint(np.cumsum(shares, axis=1) * class_sizes[:, None]).astype(np.int64)
     cuts[:, -1] = class_sizes
     counts = np.diff(cuts, axis=1, prepend=0)
@@ -133,16 +131,20 @@ def partition_shards(
             f"{num_shards} shards, more than the {len(labels)} training samples "
             f"(use shards_per_client <= {max(1, len(labels) // num_clients)})"
         )
-    if (len(labels) // num_shards) * shards_per_client < min_size:
+    base, num_bigger = divmod(len(labels), num_shards)  # num_bigger shards of base + 1 samples, the rest base
+    # the unluckiest client gets as many of the small shards as there are
+    smallest = shards_per_client * base + max(0, shards_per_client - (num_shards - num_bigger))
+    if smallest < min_size:
+        sizes = f"{base} or {base + 1}" if num_bigger else f"{base}"
         raise ValueError(
-            f"partition.min_size={min_size} cannot be met: shards of {len(labels) // num_shards} samples x "
-            f"{shards_per_client} per client (lower min_size or raise shards_per_client)"
+            f"partition.min_size={min_size} cannot be met: {shards_per_client} shards of {sizes} samples per "
+            f"client can give a client {smallest} (lower min_size or raise shards_per_client)"
         )
     codes, _ = _class_codes(np.asarray(labels))
     # Random order inside each label, so which samples of a class share a shard is random too.
     order = _class_sorted_order(codes, rng)
-    shard_sizes = np.full(num_shards, len(labels) // num_shards)
-    shard_sizes[: len(labels) % num_shards] += 1
+    shard_sizes = np.full(num_shards, base)
+    shard_sizes[:num_bigger] += 1
     client_of_shard = np.empty(num_shards, dtype=np.int64)
     client_of_shard[rng.permutation(num_shards)] = np.repeat(np.arange(num_clients), shards_per_client)
     owner = np.empty(len(labels), dtype=np.int64)
@@ -218,10 +220,7 @@ def partition_quantity(
     """
     check_feasible(num_samples, num_clients, min_size)
     if distribution == "dirichlet":
-        weights = rng.dirichlet(np.full(num_clients, alpha))
-        if not np.isfinite(weights).all() or weights.sum() <= 0:
-            weights = np.zeros(num_clients)
-            weights[rng.integers(num_clients)] = 1.0
+        weights = rng.dirichlet(np.full(num_clients, alpha))  # finite and summing to 1 for any alpha > 0
     elif distribution == "lognormal":
         weights = rng.lognormal(0.0, sigma, num_clients)
     else:
@@ -245,8 +244,10 @@ def partition_mixture(labels: np.ndarray, num_clients: int, config: PartitionCon
     if num_iid == num_clients:
         return partition_iid(num_samples, num_clients, rng)
     num_skewed = num_clients - num_iid
+    # Each group gets at least min_size per client: num_samples >= num_clients * min_size (check_feasible),
+    # so num_samples * num_iid / num_clients >= num_iid * min_size and its rest >= num_skewed * min_size;
+    # rounding to the nearest integer cannot cross either bound, which are integers.
     iid_samples = int(round(num_samples * num_iid / num_clients))
-    iid_samples = min(max(iid_samples, num_iid * min_size), num_samples - num_skewed * min_size)
     order = rng.permutation(num_samples)
     rest = np.sort(order[iid_samples:])
     try:
@@ -588,14 +589,12 @@ def _repair_min_size(owner: np.ndarray, num_clients: int, min_size: int,
 
 
 def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
-    """Non-negative integers summing to `total`, as close as possible to `shares * total`."""
+    """Non-negative integers summing to `total`, each within one of `shares * total` (shares summing to 1):
+    the floors, plus one for the largest remainders. The floors never sum to more than `total`: their sum
+    is an integer at most sum(shares * total), which float rounding leaves below total + 1."""
     exact = shares * total
     whole = np.floor(exact).astype(np.int64)
-    left = total - int(whole.sum())
-    if left > 0:
-        whole[np.argsort(whole - exact, kind="stable")[:left]] += 1
-    elif left < 0:  # float rounding overshoot: take back from the largest
-        whole[np.argsort(-whole, kind="stable")[:-left]] -= 1
+    whole[np.argsort(whole - exact, kind="stable")[:total - int(whole.sum())]] += 1
     return whole
 
 

@@ -27,6 +27,8 @@ from workbench.updates import state_num_bytes, update_statistics
 
 # Independent random streams, one per purpose, so that changing the algorithm (or skipping a
 # straggler's training) never shifts the data, the partition, the sampled clients or the stragglers.
+# The partition's sub-streams: (1) the feature skew of the training inputs, (2) the clients' test split,
+# (3) the feature skew of their test inputs.
 STREAM_DATA, STREAM_PARTITION, STREAM_INIT, STREAM_SAMPLING, STREAM_STRAGGLERS, STREAM_TRAINING = range(6)
 
 
