@@ -86,8 +86,9 @@ def test_runs_started_together_on_a_fresh_store_all_finish(tmp_path):
     assert len(client.search_experiments()) == 2  # "Default" and "together", nothing twice
 
 
-def test_threads_creating_one_new_experiment_get_the_same_id(tracking_uri):
-    num_threads = 8
+def create_at_once(tracking_uri: str, name: str, num_threads: int = 8) -> list[str]:
+    """The experiment ids that `num_threads` threads get from `get_or_create_experiment(name)` when they
+    all call it at the same moment (a barrier), each with its own client."""
     barrier = threading.Barrier(num_threads)
     ids, errors = [], []
 
@@ -95,7 +96,7 @@ def test_threads_creating_one_new_experiment_get_the_same_id(tracking_uri):
         client = open_client(tracking_uri)
         barrier.wait()
         try:
-            ids.append(get_or_create_experiment(client, tracking_uri, "one-name"))
+            ids.append(get_or_create_experiment(client, tracking_uri, name))
         except Exception as err:  # noqa: BLE001 - the test reports whatever a thread raised
             errors.append(err)
 
@@ -105,31 +106,18 @@ def test_threads_creating_one_new_experiment_get_the_same_id(tracking_uri):
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert len(set(ids)) == 1 and len(ids) == num_threads
+    return ids
+
+
+def test_threads_creating_one_new_experiment_get_the_same_id(tracking_uri):
+    ids = create_at_once(tracking_uri, "one-name")
+    assert len(set(ids)) == 1 and len(ids) == 8
     assert MlflowClient(tracking_uri).get_experiment(ids[0]).name == "one-name"
 
 
 def test_threads_creating_one_new_experiment_over_http_get_the_same_id(mlflow_server):
-    num_threads = 8
-    barrier = threading.Barrier(num_threads)
-    ids, errors = [], []
-    name = f"one-name-{time.time_ns()}"  # the server lives for the whole session
-
-    def create() -> None:
-        client = open_client(mlflow_server.uri)
-        barrier.wait()
-        try:
-            ids.append(get_or_create_experiment(client, mlflow_server.uri, name))
-        except Exception as err:  # noqa: BLE001 - the test reports whatever a thread raised
-            errors.append(err)
-
-    threads = [threading.Thread(target=create) for _ in range(num_threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    assert len(set(ids)) == 1 and len(ids) == num_threads
+    ids = create_at_once(mlflow_server.uri, f"one-name-{time.time_ns()}")  # the server lives for the session
+    assert len(set(ids)) == 1 and len(ids) == 8
 
 
 def test_opening_a_new_store_drops_the_info_lines_of_its_migrations_only(tmp_path):
