@@ -24,10 +24,11 @@ from workbench.config import TrainingConfig
 from workbench.execution import (ClientTask, ProcessExecutor, SequentialExecutor, VectorizedExecutor,
                                  close_pools, usable_cpus)
 from workbench.models import build_model
-from workbench.strategies import aggregate_by_samples
+from workbench.strategies import aggregate_by_samples, base_objective
 
 NUM_CLIENTS, SAMPLES_PER_CLIENT, SHAPE, NUM_CLASSES = 100, 600, (1, 28, 28), 10
 TRAINING = TrainingConfig(local_epochs=1, batch_size=10, lr=0.05)
+OBJECTIVE = base_objective(TRAINING, 1)
 
 
 def mnist_shaped(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +113,8 @@ def main() -> None:
         ready = time.perf_counter() - started
         boot = max(probe._pool.boot_s)
         global_state = {k: v.detach().clone() for k, v in nets[models[0]].state_dict().items()}
-        first = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, TRAINING, 0.0))
-        second = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, TRAINING, 0.0))
+        first = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, OBJECTIVE))
+        second = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, OBJECTIVE))
         print(f"# start-up ({models[0]}, 10 clients): workers ready {ready:.2f} s, of which interpreter start "
               f"and imports in the slowest worker {boot:.2f} s (imports alone, one process on its own: "
               f"{imports:.2f} s); first round {first:.2f} s, next {second:.2f} s; start-up excluding imports "
@@ -154,7 +155,7 @@ def main() -> None:
                                         args.min_time)
                     else:
                         seconds = timed(lambda: aggregate_by_samples(global_state, executor.run_cohort(
-                            global_state, tasks, x, y, TRAINING, 0.0)), args.min_time)
+                            global_state, tasks, x, y, OBJECTIVE)), args.min_time)
                     if on_gpu:
                         torch.cuda.synchronize()
                     results.setdefault((name, size, label), []).append(seconds)

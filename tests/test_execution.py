@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.client import train_locally
+from workbench.client import LocalObjective, train_locally
 from workbench.config import ExperimentConfig
 from workbench.execution import (ClientTask, LocalTrainer, ProcessExecutor, RunStopped, SequentialExecutor,
                                  VectorizedExecutor, batch_order, batch_schedule, build_executor,
@@ -18,6 +18,7 @@ from workbench.execution import (ClientTask, LocalTrainer, ProcessExecutor, RunS
                                  why_not_batchable)
 from workbench.models import build_model
 from workbench.simulation import prepare, run, run_round
+from workbench.strategies import REGISTRY
 
 FAST = ["processes", "vectorized"]
 
@@ -59,6 +60,10 @@ def cohort(federation, round_=1):
             for c in sampled]
 
 
+def objective(cfg, mu):
+    return LocalObjective(lr=cfg.training.lr, batch_size=cfg.training.batch_size, proximal_mu=mu)
+
+
 def max_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -70,6 +75,7 @@ CASES = {
     "cnn": {"data.name": "digits", "partition.scheme": "dirichlet", "partition.alpha": 0.3, "model.name": "cnn",
             "training.local_epochs": 2, "training.batch_size": 10},
     "mu0-no-stragglers": {"strategy.name": "fedavg", "federation.straggler_fraction": 0.0},
+    "momentum-weight-decay": {"training.momentum": 0.9, "training.weight_decay": 0.01},
 }
 
 
@@ -84,7 +90,7 @@ def test_every_update_agrees_with_sequential(name, case):
         assert {t.num_epochs for t in tasks} != {federation.config.training.local_epochs}
     global_state = {k: v.clone() for k, v in federation.model.state_dict().items()}
     data, cfg = federation.dataset, federation.config
-    args = (global_state, tasks, data.x_train, data.y_train, cfg.training, federation.strategy.proximal_mu)
+    args = (global_state, tasks, data.x_train, data.y_train, federation.strategy.local_objective(cfg.training, 1))
     reference = make("sequential", federation.model).run_cohort(*args)
     updates = make(name, federation.model).run_cohort(*args)
     assert [u.client for u in updates] == [t.client for t in tasks]
@@ -94,6 +100,34 @@ def test_every_update_agrees_with_sequential(name, case):
         assert max_diff(ref.state, global_state) > 1e-3  # they really trained
         assert upd.local_train_loss == pytest.approx(ref.local_train_loss, abs=1e-5)
     assert all(torch.equal(global_state[k], v) for k, v in federation.model.state_dict().items())
+
+
+#: Knobs that make every strategy's own terms matter within two rounds of `config()` (3 of 6 clients
+#: straggle, so strategies that drop them still get 3 updates: robust ones need f small enough for that).
+STRATEGY_KNOBS = {"training.momentum": 0.5, "training.weight_decay": 0.001, "strategy.num_byzantine": 0,
+                  "strategy.trim_fraction": 0.2, "strategy.noise_multiplier": 0.5, "strategy.clip_norm": 0.5}
+
+
+@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+@pytest.mark.parametrize("name", FAST)
+def test_every_strategy_s_round_agrees_with_sequential(name, strategy):
+    """Round 2 of every strategy, after a first round that gives it state (server moments, control
+    variates, the accountant), on each fast executor and on the reference: the same global model."""
+    cfg = config(**{**STRATEGY_KNOBS, "strategy.name": strategy})
+    federation = prepare(cfg)
+    run_round(federation, SequentialExecutor(federation.model), 1)
+    after_one = {k: v.clone() for k, v in federation.model.state_dict().items()}
+    strategy_state = federation.strategy.state_dict()
+    states = {}
+    for executor in ("sequential", name):
+        again = prepare(cfg)
+        again.model.load_state_dict(after_one)
+        again.strategy.load_state_dict(strategy_state)
+        result = run_round(again, make(executor, again.model), 2)
+        states[executor] = again.model.state_dict()
+        assert result.metrics["num_updates"] >= 3
+    assert max_diff(states["sequential"], after_one) > 1e-4, "round 2 must change the model"
+    assert max_diff(states["sequential"], states[name]) < 1e-5
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -138,7 +172,7 @@ def test_fused_kernel_equals_train_locally(model_name, mu):
     model = build_model(model_name, (1, 3, 4), 5, torch.Generator().manual_seed(0)).double()
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(23, 1, 3, 4, dtype=torch.float64), torch.randint(0, 5, (23,))
-    kwargs = dict(num_epochs=3, batch_size=5, lr=0.3, mu=mu)
+    kwargs = dict(num_epochs=3, objective=LocalObjective(lr=0.3, batch_size=5, proximal_mu=mu))
     ref, ref_loss = train_locally(model, global_state, x, y, generator=torch.Generator().manual_seed(4), **kwargs)
     out, loss = train_chain_locally(linear_chain(model), global_state, x, y,
                                     generator=torch.Generator().manual_seed(4), **kwargs)
@@ -155,7 +189,7 @@ def test_fused_kernel_equals_train_locally(model_name, mu):
 
 def test_local_trainer_uses_the_kernel_where_it_applies_and_train_locally_elsewhere():
     x, y = torch.randn(17, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (17,))
-    kwargs = dict(num_epochs=2, batch_size=4, lr=0.2, mu=0.3)
+    kwargs = dict(num_epochs=2, objective=LocalObjective(lr=0.2, batch_size=4, proximal_mu=0.3))
     for name, kernel in (("mlp", True), ("mlp", False), ("cnn", True)):
         model = build_model(name, (1, 8, 8), 4, torch.Generator().manual_seed(1)).double()
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -185,7 +219,7 @@ def test_stop_is_honoured_and_the_pool_survives_it():
                                    "federation.straggler_fraction": 0.0}))
     tasks = cohort(federation)
     data, cfg = federation.dataset, federation.config
-    args = (federation.model.state_dict(), tasks, data.x_train, data.y_train, cfg.training, 0.5)
+    args = (federation.model.state_dict(), tasks, data.x_train, data.y_train, objective(cfg, 0.5))
     for name in ["sequential", *FAST]:
         stop = threading.Event()
         stop.set()
@@ -212,7 +246,7 @@ def test_stop_is_honoured_and_the_pool_survives_it():
         executor.run_cohort(*args, stop=stop, on_update=stop_after_first_update)
     assert len(done) >= 1
     # the workers let go of the cancelled round: the next one is complete and correct
-    small = (args[0], tasks[:3], *args[2:5], 0.5)
+    small = (args[0], tasks[:3], *args[2:5])
     for ref, upd in zip(make("sequential", federation.model).run_cohort(*small), executor.run_cohort(*small)):
         assert max_diff(ref.state, upd.state) < 1e-5
 
@@ -242,7 +276,7 @@ def test_unbatchable_model_is_refused_and_falls_back():
     tasks = [t for t in cohort(federation) if len(t.indices) % cfg.training.batch_size != 1]
     assert len(tasks) >= 3
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    args = (global_state, tasks, data.x_train, data.y_train, cfg.training, 0.5)
+    args = (global_state, tasks, data.x_train, data.y_train, objective(cfg, 0.5))
     for ref, upd in zip(SequentialExecutor(model).run_cohort(*args), executor.run_cohort(*args)):
         assert "layers.2.running_mean" in upd.state and max_diff(ref.state, upd.state) < 1e-5
 

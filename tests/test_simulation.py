@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.client import train_locally
+from workbench.client import LocalObjective, train_locally
 from workbench.config import ExperimentConfig
 from workbench.execution import SequentialExecutor
 from workbench.simulation import (STREAM_TRAINING, Callback, num_active_clients, prepare, run, sample_round,
@@ -168,7 +168,7 @@ def test_executor_checks_stop_before_every_client(tiny_config):
     with pytest.raises(RunStopped):
         SequentialExecutor(federation.model).run_cohort(
             federation.model.state_dict(), [task], federation.dataset.x_train, federation.dataset.y_train,
-            tiny_config.training, 0.0, stop)
+            LocalObjective(lr=0.1, batch_size=10), stop)
 
 
 def test_threads_setting_applies_during_the_run_only(tiny_config):
@@ -200,8 +200,7 @@ def local_update(federation, start, client, round_, num_epochs):
     seed = int(stream(config.seed, STREAM_TRAINING, round_, client).integers(2**63))
     index = torch.as_tensor(federation.clients[client])
     state, _ = train_locally(copy.deepcopy(federation.model), start, federation.dataset.x_train[index], federation.dataset.y_train[index],
-                             num_epochs=num_epochs, batch_size=config.training.batch_size, lr=config.training.lr,
-                             mu=0.0, generator=torch.Generator().manual_seed(seed))
+                             num_epochs=num_epochs, objective=LocalObjective(lr=config.training.lr, batch_size=config.training.batch_size, proximal_mu=0.0), generator=torch.Generator().manual_seed(seed))
     return state
 
 
@@ -470,7 +469,7 @@ def test_one_round_measures_what_its_metrics_say():
         index = torch.as_tensor(federation.clients[client])
         expected[client] = (epochs, *train_locally(
             copy.deepcopy(federation.model), start, federation.dataset.x_train[index],
-            federation.dataset.y_train[index], num_epochs=epochs, batch_size=10, lr=0.1, mu=0.5,
+            federation.dataset.y_train[index], num_epochs=epochs, objective=LocalObjective(lr=0.1, batch_size=10, proximal_mu=0.5),
             generator=torch.Generator().manual_seed(seed)))
     weights = np.array([sizes[c] for c in expected], dtype=np.float64)
     average = {k: sum(sizes[c] * e[1][k] for c, e in expected.items()) / weights.sum() for k in start}
@@ -483,9 +482,10 @@ def test_one_round_measures_what_its_metrics_say():
     assert set(result.client_metrics) == set(expected)
     for client, (epochs, _, loss) in expected.items():
         measured = result.client_metrics[client]
-        assert set(measured) == {"num_samples", "num_epochs", "is_partial", "local_train_loss", "update_norm",
-                                 "drift"}
+        assert set(measured) == {"num_samples", "num_epochs", "num_steps", "is_partial", "is_malicious",
+                                 "local_train_loss", "update_norm", "drift"}
         assert measured["num_samples"] == sizes[client] and measured["num_epochs"] == epochs
+        assert measured["num_steps"] == epochs * -(-sizes[client] // 10) and measured["is_malicious"] == 0.0
         assert measured["is_partial"] == float(client in stragglers)
         assert measured["local_train_loss"] == pytest.approx(loss, rel=1e-6)
         assert measured["update_norm"] == pytest.approx(norms[client], rel=1e-5)
@@ -556,11 +556,11 @@ def test_stop_set_during_a_round_ends_it_unfinished(tiny_config):
     class StopAfterOneClient(SequentialExecutor):
         trained = 0
 
-        def run_cohort(self, global_state, tasks, x, y, training, mu, stop=None, on_update=None):
+        def run_cohort(self, global_state, tasks, x, y, objective, stop=None, on_update=None):
             def one_done(client):
                 type(self).trained += 1
                 event.set()  # as Stop would, while the round goes on: the executor sees it via `stop`
-            return super().run_cohort(global_state, tasks, x, y, training, mu, stop, one_done)
+            return super().run_cohort(global_state, tasks, x, y, objective, stop, one_done)
 
     federation = prepare(tiny_config.with_overrides({"federation.rounds": 3}))
     history = run(federation, executor=StopAfterOneClient(federation.model), stop=event)
@@ -626,7 +626,7 @@ def test_the_no_update_warning_comes_only_when_no_client_finishes():
                               "training.local_epochs": 2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_no_updates(config, build_strategy(config.strategy))  # round(10 x 0.1) = 1 finishes
+        warn_if_no_updates(config, build_strategy(config))  # round(10 x 0.1) = 1 finishes
     assert not caught
     federation = prepare(config.with_overrides({"federation.straggler_fraction": 1.0, "federation.rounds": 1}))
     with pytest.warns(UserWarning, match="no round will receive an update"):

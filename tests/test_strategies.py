@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
 
-from workbench.client import ClientUpdate
-from workbench.config import StrategyConfig
+from workbench.client import ClientTask, ClientUpdate
+from workbench.config import ExperimentConfig, TrainingConfig
 from workbench.strategies import FedAvg, FedProx, build_strategy, weighted_average
+
+RNG = np.random.default_rng(0)
 
 
 def update(client, value, num_samples, is_partial=False):
@@ -32,24 +35,22 @@ def test_weighted_average_is_pure_and_rejects_nonsense():
 def test_conformance(strategy):
     """Every strategy: same-valued updates give that value; no updates keep the global model."""
     global_state = {"w": torch.zeros(2)}
-    out = strategy.aggregate(global_state, [update(0, 3.0, 5), update(1, 3.0, 50)])
+    out = strategy.aggregate(global_state, [update(0, 3.0, 5), update(1, 3.0, 50)], RNG)
     assert torch.allclose(out["w"], torch.full((2,), 3.0))
-    assert torch.equal(strategy.aggregate(global_state, [])["w"], global_state["w"])
-    assert strategy.proximal_mu >= 0
+    assert torch.equal(strategy.aggregate(global_state, [], RNG)["w"], global_state["w"])
 
 
 def test_fedavg_drops_stragglers_fedprox_keeps_them():
-    global_state = {"w": torch.zeros(2)}
-    updates = [update(0, 1.0, 10), update(1, 5.0, 10, is_partial=True)]
-    assert torch.allclose(FedAvg().aggregate(global_state, updates)["w"], torch.full((2,), 1.0))
-    assert torch.allclose(FedProx(mu=1.0).aggregate(global_state, updates)["w"], torch.full((2,), 3.0))
-    only_stragglers = [update(1, 5.0, 10, is_partial=True)]
-    assert torch.equal(FedAvg().aggregate(global_state, only_stragglers)["w"], global_state["w"])
+    straggler = ClientTask(1, torch.arange(3), 1, True, 0)
+    assert not FedAvg().accepts(straggler) and FedProx(mu=1.0).accepts(straggler)
+    assert FedAvg().accepts(ClientTask(0, torch.arange(3), 2, False, 0))
 
 
 def test_build_strategy():
-    assert build_strategy(StrategyConfig(name="fedavg")).proximal_mu == 0
-    assert build_strategy(StrategyConfig(name="fedprox", mu=0.3)).proximal_mu == 0.3
+    training = TrainingConfig()
+    build = lambda **kv: build_strategy(ExperimentConfig().with_overrides(kv))  # noqa: E731
+    assert build(**{"strategy.name": "fedavg"}).local_objective(training, 1).proximal_mu == 0
+    assert build(**{"strategy.name": "fedprox", "strategy.mu": 0.3}).local_objective(training, 1).proximal_mu == 0.3
 
 
 def test_weighted_average_keeps_dtypes_accepts_fractional_weights_and_says_what_is_wrong():

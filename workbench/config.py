@@ -17,6 +17,10 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "classes_per_client", "quanti
 MIXTURE_SKEWS = ("dirichlet", "shards", "classes_per_client", "quantity")
 QUANTITY_DISTRIBUTIONS = ("dirichlet", "lognormal")
 STRATEGIES = ("fedavg", "fedprox")
+#: Groups of strategies that share knobs (each knob says which strategies use it: `Knob.used_by`).
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
+ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
+ATTACKS = ("sign_flip", "label_flip", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("auto", "sequential", "processes", "vectorized")
 
@@ -29,11 +33,14 @@ def knob(
     min: float | None = None,
     max: float | None = None,
     min_exclusive: bool = False,
+    max_exclusive: bool = False,
     hint: str = "",
+    used_by: Sequence[str] = (),
 ) -> Any:
-    """A config field that carries its range and description beside its default."""
-    metadata = {"help": help, "choices": choices, "min": min, "max": max,
-                "min_exclusive": min_exclusive, "hint": hint}
+    """A config field that carries its range and description beside its default; `used_by` names the
+    strategies whose behaviour it changes (empty: every run's)."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+                "max_exclusive": max_exclusive, "hint": hint, "used_by": tuple(used_by)}
     return field(default=default, metadata=metadata)
 
 
@@ -50,12 +57,15 @@ class Knob:
     max: float | None
     min_exclusive: bool
     hint: str
+    max_exclusive: bool = False
+    #: the strategies whose behaviour this knob changes (empty: every run's)
+    used_by: tuple[str, ...] = ()
 
     def describe_range(self) -> str:
         if self.choices is not None:
             return "{" + ", ".join(str(c) for c in self.choices) + "}"
         low = "" if self.min is None else (f"> {self.min}" if self.min_exclusive else f">= {self.min}")
-        high = "" if self.max is None else f"<= {self.max}"
+        high = "" if self.max is None else (f"< {self.max}" if self.max_exclusive else f"<= {self.max}")
         return " and ".join(part for part in (low, high) if part) or "any"
 
     def check(self, value: Any) -> Any:
@@ -66,7 +76,7 @@ class Knob:
             fix = f"did you mean {close[0]!r}?" if close else f"choose one of {self.describe_range()}"
             raise ValueError(f"{self.key} must be one of {self.describe_range()}, got {value!r} ({fix})")
         too_low = self.min is not None and (value <= self.min if self.min_exclusive else value < self.min)
-        too_high = self.max is not None and value > self.max
+        too_high = self.max is not None and (value >= self.max if self.max_exclusive else value > self.max)
         if too_low or too_high:
             hint = f" ({self.hint})" if self.hint else ""
             raise ValueError(f"{self.key} must be {self.describe_range()}, got {value!r}{hint}")
@@ -180,14 +190,81 @@ class TrainingConfig(_Section):
     batch_size: int = knob(10, "local mini-batch size B", min=1)
     lr: float = knob(0.01, "local SGD learning rate", min=0.0, min_exclusive=True,
                      hint="try 0.01-0.1 for SGD")
+    momentum: float = knob(0.0, "local SGD momentum (PyTorch's, no dampening); the buffer starts at zero every "
+                           "round", min=0.0, max=1.0, max_exclusive=True,
+                           hint="NIID-Bench and most FL papers use 0.9; the FedProx paper 0")
+    weight_decay: float = knob(0.0, "local SGD weight decay (L2 gradient term)", min=0.0,
+                               hint="try 1e-5-1e-3")
+    lr_decay: float = knob(1.0, "the local learning rate of round r is lr * lr_decay^(r-1)", min=0.0,
+                           max=1.0, min_exclusive=True, hint="1 = constant; try 0.99-0.998")
 
 
 @dataclass(frozen=True)
 class StrategyConfig(_Section):
     _prefix = "strategy"
-    name: str = knob("fedavg", "aggregation algorithm", choices=STRATEGIES)
-    mu: float = knob(1.0, "FedProx proximal weight mu (fedprox only; mu=0 keeps stragglers' work "
-                     "without a proximal term)", min=0.0, hint="the FedProx paper uses 0.001-1")
+    name: str = knob("fedavg", "federated algorithm (see the README's strategy table)", choices=STRATEGIES)
+    mu: float = knob(1.0, "FedProx proximal weight mu (mu=0 keeps stragglers' work without a proximal term)",
+                     min=0.0, hint="the FedProx paper uses 0.001-1", used_by=("fedprox",))
+    server_lr: float = knob(1.0, "server learning rate eta_g of fedavgm and scaffold (1 = the clients' average "
+                            "step)", min=0.0, min_exclusive=True, hint="1 is FedAvg's step; try 0.5-1",
+                            used_by=("fedavgm", "scaffold"))
+    server_momentum: float = knob(0.9, "fedavgm: server momentum beta (Hsu et al. 2019)", min=0.0, max=1.0,
+                                  max_exclusive=True, hint="Hsu et al. use 0.9; 0 = FedAvg",
+                                  used_by=("fedavgm",))
+    adaptive_lr: float = knob(0.01, "server learning rate eta of fedadam, fedyogi and fedadagrad (Reddi et al. "
+                              "2021, Algorithm 2)", min=0.0, min_exclusive=True,
+                              hint="Reddi et al. tune it over 1e-3-1; try 0.01-0.1", used_by=SERVER_OPTIMIZERS)
+    beta1: float = knob(0.9, "first-moment decay beta_1 of fedadam, fedyogi, fedadagrad (Reddi et al.: 0.9)",
+                        min=0.0, max=1.0, max_exclusive=True, hint="Reddi et al. use 0.9",
+                        used_by=SERVER_OPTIMIZERS)
+    beta2: float = knob(0.99, "second-moment decay beta_2 of fedadam and fedyogi (Reddi et al.: 0.99)",
+                        min=0.0, max=1.0, max_exclusive=True, hint="Reddi et al. use 0.99",
+                        used_by=("fedadam", "fedyogi"))
+    tau: float = knob(1e-3, "adaptivity tau of fedadam, fedyogi, fedadagrad (Reddi et al.: 1e-3)", min=0.0,
+                      min_exclusive=True, hint="Reddi et al. use 1e-3; larger = closer to FedAvgM",
+                      used_by=SERVER_OPTIMIZERS)
+    trim_fraction: float = knob(0.1, "trimmed_mean: fraction beta of the updates dropped at each end, "
+                                "coordinate by coordinate (Yin et al. 2018)", min=0.0, max=0.5,
+                                max_exclusive=True, hint="at least the fraction of malicious clients",
+                                used_by=("trimmed_mean",))
+    num_byzantine: int = knob(2, "krum, multi_krum: the number f of malicious updates tolerated (Blanchard et "
+                              "al. 2017; needs clients_per_round >= 2f + 3)", min=0,
+                              hint="at least the number of malicious clients per round",
+                              used_by=("krum", "multi_krum"))
+    num_selected: int = knob(0, "multi_krum: how many of the best-scored updates are averaged (0 = n - f)",
+                             min=0, hint="0 = n - f; 1 = Krum", used_by=("multi_krum",))
+    clip_norm: float = knob(1.0, "dp_fedavg: every update (w - w_global) is clipped to this L2 norm C "
+                            "(McMahan et al. 2018)", min=0.0, min_exclusive=True,
+                            hint="near the median update norm of an unclipped run", used_by=("dp_fedavg",))
+    noise_multiplier: float = knob(1.0, "dp_fedavg: Gaussian noise of std z*C on the sum of the clipped "
+                                   "updates", min=0.0, hint="0 = clipping only (no privacy); try 0.5-2",
+                                   used_by=("dp_fedavg",))
+
+
+@dataclass(frozen=True)
+class AttackConfig(_Section):
+    _prefix = "attack"
+    fraction: float = knob(0.0, "fraction of each round's sampled clients that are malicious (chosen from the "
+                           "server's stream: the same clients for every strategy)", min=0.0, max=1.0,
+                           max_exclusive=True, hint="0 = no attack; try 0.1-0.3")
+    kind: str = knob("sign_flip", "what malicious clients do: sign_flip (send -scale x their update), "
+                     "label_flip (train on labels C-1-y), gaussian (send noise of std noise_std)",
+                     choices=ATTACKS)
+    scale: float = knob(10.0, "sign_flip: the malicious update is -scale x the honest one", min=0.0,
+                        min_exclusive=True, hint="1 = just the sign; try 1-10")
+    noise_std: float = knob(1.0, "gaussian: std of each coordinate of the malicious update", min=0.0,
+                            min_exclusive=True, hint="try 0.1-10")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    _prefix = "privacy"
+    delta: float = knob(1e-5, "dp_fedavg: the delta of the (epsilon, delta) guarantee that is logged", min=0.0,
+                        max=1.0, min_exclusive=True, max_exclusive=True,
+                        hint="below 1 / num_clients, e.g. 1e-5", used_by=("dp_fedavg",))
+    target_epsilon: float = knob(0.0, "dp_fedavg: end the run (FINISHED) before the round that would spend "
+                                 "more than this epsilon (0 = no budget)", min=0.0, hint="0 = no budget; try 1-10",
+                                 used_by=("dp_fedavg",))
 
 
 @dataclass(frozen=True)
@@ -229,6 +306,8 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -316,7 +395,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 _SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "training": TrainingConfig, "strategy": StrategyConfig,
-    "execution": ExecutionConfig, "evaluation": EvaluationConfig, "checkpoint": CheckpointConfig,
+    "attack": AttackConfig, "privacy": PrivacyConfig, "execution": ExecutionConfig, "evaluation": EvaluationConfig, "checkpoint": CheckpointConfig,
 }
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -335,6 +414,8 @@ def _knob_of(prefix: str, f: dataclasses.Field, owner: type) -> Knob:
         max=meta["max"],
         min_exclusive=meta["min_exclusive"],
         hint=meta["hint"],
+        max_exclusive=meta["max_exclusive"],
+        used_by=meta["used_by"],
     )
 
 

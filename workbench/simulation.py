@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.attacks import attack_update, choose_malicious
+from workbench.client import ClientTask, ClientUpdate, LocalObjective, finish_update
 from workbench.config import ExperimentConfig
 from workbench.data import Dataset, load_dataset
-from workbench.execution import ClientTask, Executor, RunStopped, build_executor, check_stop
+from workbench.execution import Executor, RunStopped, SequentialExecutor, build_executor, check_stop
 from workbench.models import build_model, check_model_fits
 from workbench.partition import (FEATURE_SKEWS, apply_feature_skew, check_feature_skew, partition,
                                  partition_test_by_labels, summarize)
@@ -30,6 +32,10 @@ from workbench.updates import state_num_bytes, update_statistics
 # The partition's sub-streams: (1) the feature skew of the training inputs, (2) the clients' test split,
 # (3) the feature skew of their test inputs.
 STREAM_DATA, STREAM_PARTITION, STREAM_INIT, STREAM_SAMPLING, STREAM_STRAGGLERS, STREAM_TRAINING = range(6)
+# The server's stream, keyed by (seed, round, purpose): which clients attack, the attackers' noise (per
+# client) and the aggregation's own randomness (DP noise). Client-side streams never depend on it.
+STREAM_SERVER = 6
+SERVER_ATTACKERS, SERVER_ATTACK_NOISE, SERVER_AGGREGATION = range(3)
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
@@ -162,7 +168,7 @@ def prepare(config: ExperimentConfig) -> Federation:
     dataset = dataclasses.replace(
         dataset, x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
         x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device))
-    return Federation(config, dataset, clients, model, build_strategy(config.strategy), device, stats,
+    return Federation(config, dataset, clients, model, build_strategy(config), device, stats,
                       client_tests.to(device) if client_tests is not None else None)
 
 
@@ -190,6 +196,8 @@ class History:
 
     rounds: list[RoundResult] = field(default_factory=list)
     status: str = "RUNNING"
+    #: why the strategy ended the run before its last round (None: it ran every round, or failed)
+    stop_reason: str | None = None
 
     def metric(self, name: str) -> list[tuple[int, float]]:
         """(round, value) for every round that measured `name`."""
@@ -317,6 +325,7 @@ def run(
     *,
     stop: threading.Event | None = None,
     start_round: int = 1,
+    strategy_state: Mapping[str, torch.Tensor] | None = None,
 ) -> History:
     """Run every round of the experiment and return its history; callbacks observe each step.
 
@@ -324,13 +333,20 @@ def run(
     client update with status KILLED; the history of the finished rounds is returned.
 
     `start_round` > 1 resumes: the federation's model must hold the global model after round
-    `start_round - 1`. Every random stream is derived from (seed, round, client), so nothing else is
+    `start_round - 1`, and `strategy_state` the strategy's `state_dict()` after that round (server and
+    per-client state). Every random stream is derived from (seed, round, client), so nothing else is
     needed for the remaining rounds to match an uninterrupted run.
+
+    A strategy may end the run early, FINISHED (`Strategy.stop_reason`: a privacy budget spent); the
+    reason is in `History.stop_reason`.
     """
     federation = config if isinstance(config, Federation) else prepare(config)
     config = federation.config
+    if strategy_state:
+        federation.strategy.load_state_dict(strategy_state)
     executor = executor or build_executor(config.execution.executor, federation.model,
                                           workers=config.execution.workers)
+    executor = check_executor(executor, federation, config.execution.executor)
     warn_if_no_updates(config, federation.strategy)
     federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))
     history = History()
@@ -341,6 +357,9 @@ def run(
         try:
             for round_ in range(start_round, config.federation.rounds + 1):
                 check_stop(stop)
+                history.stop_reason = federation.strategy.stop_reason(round_)
+                if history.stop_reason is not None:
+                    break
                 result = run_round(federation, executor, round_, stop)
                 history.rounds.append(result)
                 for callback in callbacks:
@@ -360,6 +379,21 @@ def run(
     return history
 
 
+def check_executor(executor: Executor, federation: Federation, asked: str) -> Executor:
+    """`executor`, if it honours the strategy's local objective exactly; else the sequential reference
+    when the executor was chosen by `auto`, or `ValueError` with the executor's reason."""
+    why_not = getattr(executor, "why_not_supported", None)
+    reason = why_not(federation.strategy.local_objective(federation.config.training, 1)) if why_not else None
+    if reason is None:
+        return executor
+    if asked == "auto":
+        warnings.warn(f"executor {executor.name!r} cannot train strategy.name="
+                      f"{federation.config.strategy.name!r} exactly ({reason}); using 'sequential'", stacklevel=3)
+        return SequentialExecutor(federation.model)
+    raise ValueError(f"execution.executor={asked!r} cannot train strategy.name={federation.config.strategy.name!r} "
+                     f"exactly: {reason} (use execution.executor=sequential or auto)")
+
+
 def warn_if_no_updates(config: ExperimentConfig, strategy: Strategy) -> None:
     """Warn once, before the first round, when the straggler policy leaves every round without an update."""
     if strategy.keeps_partial_work or num_active_clients(config) > 0:
@@ -374,65 +408,158 @@ def warn_if_no_updates(config: ExperimentConfig, strategy: Strategy) -> None:
         UserWarning, stacklevel=3)
 
 
-def run_round(federation: Federation, executor: Executor, round_: int,
-              stop: threading.Event | None = None) -> RoundResult:
-    """One round: sample, train the cohort, aggregate into `federation.model`, evaluate."""
-    config, data, strategy = federation.config, federation.dataset, federation.strategy
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Cohort:
+    """A round's plan: who was sampled, who straggles and who attacks, what the clients minimize, and the
+    tasks of the clients whose updates the strategy will accept."""
+
+    round: int
+    sampled: tuple[int, ...]
+    stragglers: dict[int, int]
+    malicious: tuple[int, ...]
+    objective: LocalObjective
+    tasks: list[ClientTask]
+    global_state: dict[str, torch.Tensor]
+
+
+def server_stream(config: ExperimentConfig, round_: int, purpose: int, *keys: int) -> np.random.Generator:
+    """The server's random generator for one purpose in one round (attackers, their noise, DP noise)."""
+    return stream(config.seed, STREAM_SERVER, round_, purpose, *keys)
+
+
+def torch_generator(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**63)))
+
+
+def plan_cohort(federation: Federation, round_: int) -> Cohort:
+    """Sample the round's clients, its stragglers and attackers; build the tasks the strategy accepts,
+    each with its seed and the payload the strategy sends it."""
+    config, strategy = federation.config, federation.strategy
     sampled, stragglers = sample_round(config, round_)
-    tasks = []
-    for client in sampled:
-        is_partial = int(client) in stragglers
-        if is_partial and not strategy.keeps_partial_work:
-            continue  # dropped anyway: don't spend the time
-        seed = int(stream(config.seed, STREAM_TRAINING, round_, int(client)).integers(2**63))
-        indices = torch.as_tensor(federation.clients[client], device=federation.device)
-        epochs = stragglers.get(int(client), config.training.local_epochs)
-        tasks.append(ClientTask(int(client), indices, epochs, is_partial, seed))
+    attack = config.attack
+    malicious = (choose_malicious(sampled, attack.fraction, server_stream(config, round_, SERVER_ATTACKERS))
+                 if attack.fraction else ())
+    objective = strategy.local_objective(config.training, round_)
+    if attack.kind == "label_flip" and malicious:
+        objective = dataclasses.replace(objective, num_classes=federation.dataset.num_classes)
     global_state = {k: v.detach().clone() for k, v in federation.model.state_dict().items()}
-    updates = executor.run_cohort(global_state, tasks, data.x_train, data.y_train, config.training,
-                                  strategy.proximal_mu, stop)
-    new_state = strategy.aggregate(global_state, updates)
+    tasks = []
+    for client in (int(c) for c in sampled):
+        seed = int(stream(config.seed, STREAM_TRAINING, round_, client).integers(2**63))
+        task = ClientTask(client, torch.as_tensor(federation.clients[client], device=federation.device),
+                          stragglers.get(client, config.training.local_epochs), client in stragglers, seed,
+                          flips_labels=attack.kind == "label_flip" and client in malicious)
+        if not strategy.accepts(task):
+            continue  # its update would not be aggregated: don't spend the time
+        payload, client_state = strategy.client_payload(client, global_state)
+        tasks.append(dataclasses.replace(task, payload=payload, client_state=client_state))
+    return Cohort(round_, tuple(int(c) for c in sampled), stragglers, malicious, objective, tasks, global_state)
+
+
+def train_cohort(federation: Federation, executor: Executor, cohort: Cohort,
+                 stop: threading.Event | None = None) -> list[ClientUpdate]:
+    """The cohort's updates as the clients send them: trained by the executor, completed by
+    `finish_update` (steps, clipping, control variates), replaced by the attackers' where they attack."""
+    data, config = federation.dataset, federation.config
+    trained = executor.run_cohort(cohort.global_state, cohort.tasks, data.x_train, data.y_train, cohort.objective,
+                                  stop)
+    updates = []
+    for task, update in zip(cohort.tasks, trained):
+        update = finish_update(update, task, cohort.objective, cohort.global_state)
+        if task.client in cohort.malicious:
+            noise = torch_generator(server_stream(config, cohort.round, SERVER_ATTACK_NOISE, task.client))
+            update = attack_update(update, cohort.global_state, config.attack, noise)
+        updates.append(update)
+    return updates
+
+
+def aggregate_round(federation: Federation, cohort: Cohort, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The strategy's next global model, checked for divergence before it replaces the old one."""
+    rng = server_stream(federation.config, cohort.round, SERVER_AGGREGATION)
+    new_state = federation.strategy.aggregate(cohort.global_state, updates, rng)
+    if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+        raise FloatingPointError(f"round {cohort.round} diverged: the aggregated model has inf/nan weights "
+                                 f"(lower training.lr, currently {federation.config.training.lr})")
+    return new_state
+
+
+def measure_updates(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                    malicious: Sequence[int]) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """Each update's row of the client table, and the round's means over them."""
     norms, drifts = update_statistics(global_state, [u.state for u in updates], [u.num_samples for u in updates])
     client_metrics = {
         u.client: {"num_samples": float(u.num_samples), "num_epochs": float(u.num_epochs),
-                   "is_partial": float(u.is_partial), "local_train_loss": u.local_train_loss,
+                   "num_steps": float(u.num_steps), "is_partial": float(u.is_partial),
+                   "is_malicious": float(u.client in malicious), "local_train_loss": u.local_train_loss,
                    "update_norm": n, "drift": d}
         for u, n, d in zip(updates, norms, drifts)
     }
-    if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
-        raise FloatingPointError(f"round {round_} diverged: the aggregated model has inf/nan weights "
-                                 f"(lower training.lr, currently {config.training.lr})")
-    federation.model.load_state_dict(new_state)
-
-    metrics: dict[str, float] = {"num_updates": float(len(updates)), "num_stragglers": float(len(stragglers))}
+    metrics: dict[str, float] = {"num_updates": float(len(updates))}
     if updates:
         weights = np.array([u.num_samples for u in updates], dtype=np.float64)
         metrics["local_train_loss"] = float(np.dot(weights, [u.local_train_loss for u in updates]) / weights.sum())
         metrics.update(update_norm_mean=float(np.mean(norms)), client_drift_mean=float(np.mean(drifts)),
                        client_drift_min=float(np.min(drifts)))
-    # Every sampled client downloads the global model; only those whose update is used upload one.
-    model_bytes = state_num_bytes(global_state)
-    metrics.update(bytes_down=float(model_bytes * len(sampled)), bytes_up=float(model_bytes * len(updates)))
+    return client_metrics, metrics
+
+
+def payload_num_bytes(payload: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
+    return sum(state_num_bytes(part) for part in payload.values())
+
+
+def count_bytes(cohort: Cohort, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """Traffic of the round: every sampled client downloads the global model, the clients that train also
+    their payload (SCAFFOLD's c); every update used uploads its model and its payload (delta c_i).
+    Client state (c_i) stays on the client and is not traffic."""
+    model_bytes = state_num_bytes(cohort.global_state)
+    down = model_bytes * len(cohort.sampled) + sum(payload_num_bytes(t.payload) for t in cohort.tasks)
+    up = sum(model_bytes + payload_num_bytes(u.payload) for u in updates)
+    return {"bytes_down": float(down), "bytes_up": float(up)}
+
+
+def evaluate_round(federation: Federation) -> tuple[dict[str, float], dict[int, float], dict[int, float]]:
+    """The global model's test and training loss and accuracy, each client's test accuracy (on its own
+    test data) with their spread, and each client's training loss."""
+    data = federation.dataset
+    on_test = evaluate(federation.model, data.x_test, data.y_test)
+    # The global model on every client's training data (as each client holds it), sample-weighted: the
+    # training loss the FedProx paper plots (Li et al. 2020, Fig. 1). Each training sample belongs to exactly
+    # one client, so this is the mean over the whole training set.
+    on_train = evaluate(federation.model, data.x_train, data.y_train)
+    metrics = dict(test_loss=on_test.loss, test_accuracy=on_test.accuracy,
+                   train_loss=on_train.loss, train_accuracy=on_train.accuracy)
+    client_train_loss = per_client_means(on_train.losses, federation.clients)
+    client_accuracy: dict[int, float] = {}
+    if federation.client_tests is not None:
+        client_accuracy = evaluate_clients(federation.model, data, federation.client_tests, on_test)
+        metrics.update(accuracy_spread(client_accuracy))
+    return metrics, client_accuracy, client_train_loss
+
+
+def run_round(federation: Federation, executor: Executor, round_: int,
+              stop: threading.Event | None = None) -> RoundResult:
+    """One round: plan the cohort, train it, aggregate into `federation.model`, measure, evaluate."""
+    config = federation.config
+    started = time.perf_counter()
+    cohort = plan_cohort(federation, round_)
+    updates = train_cohort(federation, executor, cohort, stop)
+    new_state = aggregate_round(federation, cohort, updates)
+    client_metrics, metrics = measure_updates(cohort.global_state, updates, cohort.malicious)
+    federation.model.load_state_dict(new_state)
+    metrics.update(num_stragglers=float(len(cohort.stragglers)), **count_bytes(cohort, updates),
+                   **federation.strategy.round_metrics())
+    if cohort.malicious:
+        metrics["num_malicious"] = float(len(cohort.malicious))
     client_accuracy: dict[int, float] = {}
     client_train_loss: dict[int, float] = {}
     if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
-        on_test = evaluate(federation.model, data.x_test, data.y_test)
-        # The global model on every client's training data (as each client holds it), sample-weighted:
-        # the training loss the FedProx paper plots (Li et al. 2020, Fig. 1). Each training sample belongs
-        # to exactly one client, so this is the mean over the whole training set.
-        on_train = evaluate(federation.model, data.x_train, data.y_train)
-        metrics.update(test_loss=on_test.loss, test_accuracy=on_test.accuracy,
-                       train_loss=on_train.loss, train_accuracy=on_train.accuracy)
-        client_train_loss = per_client_means(on_train.losses, federation.clients)
-        if federation.client_tests is not None:
-            client_accuracy = evaluate_clients(federation.model, data, federation.client_tests, on_test)
-            metrics.update(accuracy_spread(client_accuracy))
+        evaluated, client_accuracy, client_train_loss = evaluate_round(federation)
+        metrics.update(evaluated)
     metrics["round_time_s"] = time.perf_counter() - started
     if not all(math.isfinite(v) for v in metrics.values()):
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         raise FloatingPointError(
             f"round {round_} diverged: {bad} (lower training.lr, currently {config.training.lr})"
         )
-    return RoundResult(round_, metrics, tuple(int(c) for c in sampled), tuple(stragglers), client_accuracy,
+    return RoundResult(round_, metrics, cohort.sampled, tuple(cohort.stragglers), client_accuracy,
                        client_metrics, client_train_loss)

@@ -8,9 +8,10 @@ import warnings
 
 from torch import nn
 
-from workbench.execution.base import (ClientTask, Executor, RunStopped, SequentialExecutor, batch_order,
-                                      check_stop, default_threads)
-from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
+from workbench.client import ClientTask
+from workbench.execution.base import (Executor, RunStopped, SequentialExecutor, batch_order, check_stop,
+                                      default_threads, task_labels)
+from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally, why_kernel_cannot
 from workbench.execution.processes import ProcessExecutor, close_pools, usable_cpus
 from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, why_not_batchable
 
@@ -18,8 +19,8 @@ EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "ve
 
 __all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
            "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "batch_order", "batch_schedule", "build_executor",
-           "check_stop", "close_pools", "default_threads", "linear_chain", "resolve_executor", "train_chain_locally",
-           "usable_cpus", "why_not_batchable"]
+           "check_stop", "close_pools", "default_threads", "linear_chain", "resolve_executor", "task_labels",
+           "train_chain_locally", "usable_cpus", "why_kernel_cannot", "why_not_batchable"]
 
 
 def resolve_executor(name: str, model: nn.Module) -> str:

@@ -1,17 +1,16 @@
-"""The executor contract (`ClientTask`, `Executor`, stop handling) and the sequential reference executor."""
+"""The executor contract (`Executor`, stop handling) and the sequential reference executor."""
 
 from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from workbench.client import ClientUpdate, train_locally
-from workbench.config import TrainingConfig
+from workbench.client import (ClientTask, ClientUpdate, LocalObjective, flipped_labels, gradient_correction,
+                              train_locally)
 
 
 class RunStopped(Exception):
@@ -21,17 +20,6 @@ class RunStopped(Exception):
 def check_stop(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise RunStopped("stopped by the user")
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    """One client's assignment in a round: its training samples, how many epochs it manages, its seed."""
-
-    client: int
-    indices: torch.Tensor
-    num_epochs: int
-    is_partial: bool
-    seed: int
 
 
 class Executor(Protocol):
@@ -45,12 +33,16 @@ class Executor(Protocol):
 
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
-        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
-        """Every task's update, in the order of `tasks`; raises `RunStopped` within one client update
-        of `stop` being set. `on_update(client)` is called on the caller's thread as each client's update
+        """Every task's update (its model and mean local loss; `client.finish_update` completes the rest),
+        trained exactly as `objective` and the task describe, in the order of `tasks`; raises `RunStopped`
+        within one client update of `stop` being set. `on_update(client)` is called on the caller's thread as each client's update
         is complete (in completion order), before the cohort is."""
+
+    def why_not_supported(self, objective: LocalObjective) -> str | None:
+        """Why this executor cannot honour `objective` exactly, or None when it can."""
 
 
 #: Below this many parameters one intra-op thread is fastest on CPU (per-step work is too small to split;
@@ -72,6 +64,12 @@ def batch_order(task: ClientTask) -> torch.Generator:
     return torch.Generator().manual_seed(task.seed)
 
 
+def task_labels(y: torch.Tensor, task: ClientTask, objective: LocalObjective) -> torch.Tensor:
+    """The labels `task`'s client trains on: its own, or flipped when it is a label-flipping attacker."""
+    labels = y[task.indices]
+    return flipped_labels(labels, objective.num_classes) if task.flips_labels else labels
+
+
 class SequentialExecutor:
     """Clients one after another on one scratch copy of the model (`train_locally`, unchanged)."""
 
@@ -82,18 +80,22 @@ class SequentialExecutor:
         self.threads = default_threads(model)
         self.settings = {"executor": self.name}
 
+    def why_not_supported(self, objective: LocalObjective) -> str | None:
+        return None  # the reference: `train_locally` is the definition of every objective
+
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
-        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
+        names = [name for name, _ in self._scratch.named_parameters()]
         updates = []
         for task in tasks:
             check_stop(stop)
             state, loss = train_locally(
-                self._scratch, global_state, x[task.indices], y[task.indices],
-                num_epochs=task.num_epochs, batch_size=training.batch_size, lr=training.lr, mu=mu,
-                generator=batch_order(task),
+                self._scratch, global_state, x[task.indices], task_labels(y, task, objective), objective,
+                num_epochs=task.num_epochs, generator=batch_order(task),
+                correction=gradient_correction(task.payload, task.client_state, names),
             )
             updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, loss,
                                         task.is_partial))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.client import train_locally
+from workbench.client import LocalObjective, train_locally
 from workbench.models import MLP, LogisticRegression
 
 
@@ -29,14 +29,13 @@ def train_chain_locally(
     global_state: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
+    objective: LocalObjective,
     *,
     num_epochs: int,
-    batch_size: int,
-    lr: float,
-    mu: float,
     generator: torch.Generator,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """`train_locally` for the linear chain `chain` (see `linear_chain`): same batch order, same SGD steps,
+    """`train_locally` for the linear chain `chain` (see `linear_chain`) and an objective without momentum,
+    weight decay or correction (`kernel_supports`): same batch order, same SGD steps,
     same proximal gradient mu * (w - w_global) (Li et al. 2020, Eq. 2), same mean loss; only rounding
     differs (float64 agrees to 1e-12, float32 within 1e-5 after a round: tests/test_execution.py).
 
@@ -45,6 +44,10 @@ def train_chain_locally(
     w.r.t. the logits is (softmax - onehot) / batch; each weight update is one in-place GEMM
     (w -= lr * delta^T a), preceded for FedProx by w += lr*mu*(w_global - w) (one lerp); the losses are
     written into one buffer per epoch and summed once."""
+    reason = why_kernel_cannot(objective)
+    if reason is not None:
+        raise ValueError(f"the fused kernel cannot train this objective: {reason}")
+    lr, mu, batch_size = objective.lr, objective.proximal_mu, objective.batch_size
     weights = [global_state[f"{p}.weight"].detach().clone() for p in chain]
     biases = [global_state[f"{p}.bias"].detach().clone() for p in chain]
     anchors = [(global_state[f"{p}.weight"], global_state[f"{p}.bias"]) for p in chain]
@@ -82,8 +85,16 @@ def train_chain_locally(
     return state, float(total_loss) / (num_samples * num_epochs)
 
 
+def why_kernel_cannot(objective: LocalObjective) -> str | None:
+    """Why the fused kernel cannot honour `objective` (it implements plain SGD with the proximal term)."""
+    if objective.has_local_terms:
+        return "it implements plain SGD with the proximal term only (no momentum, weight decay or correction)"
+    return None
+
+
 class LocalTrainer:
-    """One client's local work on a scratch model: the fused kernel where it applies, else `train_locally`."""
+    """One client's local work on a scratch model: the fused kernel where it applies (the model is a
+    linear chain and the objective plain SGD with the proximal term), else `train_locally`."""
 
     def __init__(self, model: nn.Module, use_kernel: bool = True):
         self.model = model
@@ -93,11 +104,11 @@ class LocalTrainer:
     def uses_kernel(self) -> bool:
         return self.chain is not None
 
-    def __call__(self, global_state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
-                 num_epochs: int, batch_size: int, lr: float, mu: float,
-                 generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
-        if self.chain is not None:
-            return train_chain_locally(self.chain, global_state, x, y, num_epochs=num_epochs,
-                                       batch_size=batch_size, lr=lr, mu=mu, generator=generator)
-        return train_locally(self.model, global_state, x, y, num_epochs=num_epochs, batch_size=batch_size,
-                             lr=lr, mu=mu, generator=generator)
+    def __call__(self, global_state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 objective: LocalObjective, *, num_epochs: int, generator: torch.Generator,
+                 correction: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], float]:
+        if self.chain is not None and correction is None and why_kernel_cannot(objective) is None:
+            return train_chain_locally(self.chain, global_state, x, y, objective, num_epochs=num_epochs,
+                                       generator=generator)
+        return train_locally(self.model, global_state, x, y, objective, num_epochs=num_epochs,
+                             generator=generator, correction=correction)

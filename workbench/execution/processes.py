@@ -20,9 +20,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from workbench.client import ClientUpdate
-from workbench.config import TrainingConfig
-from workbench.execution.base import ClientTask, check_stop, default_threads
+from workbench.client import ClientTask, ClientUpdate, LocalObjective, flipped_labels, gradient_correction
+from workbench.execution.base import check_stop, default_threads
 from workbench.execution.kernels import LocalTrainer, linear_chain
 
 #: spawn: workers start from a clean interpreter (no copied locks or threads of a notebook or MLflow);
@@ -48,6 +47,8 @@ def _work(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     x = y = trainer = global_state = out = None
+    names: list[str] = []
+    corrections: dict[str, torch.Tensor] = {}
     # seconds from the parent's start() to here: interpreter start-up and imports
     outbox.put(("ready", rank, time.time() - started_at))
     parent = mp.parent_process()
@@ -68,21 +69,25 @@ def _work(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
             elif kind == "model":
                 # private weights: the pickled model's tensors arrive in memory shared by all workers
                 trainer = LocalTrainer(copy.deepcopy(message[1]), use_kernel=message[2])
+                names = [name for name, _ in trainer.model.named_parameters()]
             elif kind == "buffers":
                 global_state, out = message[1], message[2]
+            elif kind == "corrections":
+                corrections = message[1]
             elif kind == "round":
-                _, _, tasks, batch_size, lr, mu = message
+                _, _, tasks, objective = message
                 while not cancel.is_set():
                     with counter.get_lock():
                         i = counter.value
                         counter.value += 1
                     if i >= len(tasks):
                         break
-                    row, indices, num_epochs, seed = tasks[i]
+                    row, indices, num_epochs, seed, flips_labels, corrected = tasks[i]
                     indices = torch.from_numpy(indices)
-                    state, loss = trainer(global_state, x[indices], y[indices], num_epochs=num_epochs,
-                                          batch_size=batch_size, lr=lr, mu=mu,
-                                          generator=torch.Generator().manual_seed(seed))
+                    labels = flipped_labels(y[indices], objective.num_classes) if flips_labels else y[indices]
+                    correction = [corrections[n][row] for n in names] if corrected else None
+                    state, loss = trainer(global_state, x[indices], labels, objective, num_epochs=num_epochs,
+                                          generator=torch.Generator().manual_seed(seed), correction=correction)
                     for key, value in state.items():
                         out[key][row].copy_(value)
                     outbox.put(("done", round_id, row, loss))
@@ -137,6 +142,7 @@ class WorkerPool:
         self._capacity = 0
         self.global_state: dict[str, torch.Tensor] = {}
         self.out: dict[str, torch.Tensor] = {}
+        self.corrections: dict[str, torch.Tensor] = {}
 
     @property
     def is_alive(self) -> bool:
@@ -196,7 +202,19 @@ class WorkerPool:
         for key, value in global_state.items():
             self.global_state[key].copy_(value)
 
-    def run_round(self, tasks: list[tuple], training: TrainingConfig, mu: float, stop: threading.Event | None,
+    def send_corrections(self, rows: Sequence[Sequence[torch.Tensor] | None], names: Sequence[str]) -> None:
+        """Copy each row's gradient correction (SCAFFOLD's c - c_i, per parameter) into shared buffers,
+        allocated like the update rows."""
+        shapes = {n: (tuple(self.out[n].shape), self.out[n].dtype) for n in names}
+        if set(self.corrections) != set(names) or any(
+                tuple(self.corrections[n].shape) != s or self.corrections[n].dtype != d for n, (s, d) in shapes.items()):
+            self.corrections = {n: torch.zeros(s, dtype=d).share_memory_() for n, (s, d) in shapes.items()}
+            self._broadcast(("corrections", self.corrections))
+        for row, correction in enumerate(rows):
+            for n, value in zip(names, correction or ()):
+                self.corrections[n][row].copy_(value)
+
+    def run_round(self, tasks: list[tuple], objective: LocalObjective, stop: threading.Event | None,
                   on_update: Callable[[int], None] | None = None) -> dict[int, float]:
         """Train every task; return row -> mean loss. Raises `RunStopped` (after the workers have let go of
         the round) when `stop` is set, and RuntimeError when a worker fails. `on_update(row)` as each
@@ -204,7 +222,7 @@ class WorkerPool:
         self.round_id += 1
         self.counter.value = 0
         self.cancel.clear()
-        self._broadcast(("round", self.round_id, tasks, training.batch_size, training.lr, mu))
+        self._broadcast(("round", self.round_id, tasks, objective))
         losses: dict[int, float] = {}
         errors: list[str] = []
         idle = 0
@@ -284,6 +302,7 @@ class ProcessExecutor:
             raise ValueError(f"execution.executor='processes' runs on CPU, but the model is on {device} "
                              "(use execution.executor=vectorized or auto on a GPU)")
         self._model = copy.deepcopy(model)
+        self._names = [name for name, _ in model.named_parameters()]
         self.num_workers = num_workers or usable_cpus()
         self.uses_kernel = use_kernel and linear_chain(model) is not None
         self._pool = shared_pool(self.num_workers)
@@ -291,9 +310,12 @@ class ProcessExecutor:
         self.settings = {"executor": self.name, "workers": self.num_workers, "worker_threads": 1,
                          "fused_kernel": self.uses_kernel}
 
+    def why_not_supported(self, objective: LocalObjective) -> str | None:
+        return None  # the workers run `train_locally` (or the kernel where it applies) on whole clients
+
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
-        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         check_stop(stop)
@@ -308,9 +330,12 @@ class ProcessExecutor:
                 pool.send_model(self, self._model, self.uses_kernel)
                 pool.send_data(x, y)
                 pool.send_state(global_state, len(tasks))
-                work = [(row, task.indices.detach().cpu().numpy(), task.num_epochs, task.seed)
-                        for row, task in enumerate(tasks)]
-                losses = pool.run_round(work, training, mu, stop,
+                corrections = [gradient_correction(task.payload, task.client_state, self._names) for task in tasks]
+                if any(c is not None for c in corrections):
+                    pool.send_corrections(corrections, self._names)
+                work = [(row, task.indices.detach().cpu().numpy(), task.num_epochs, task.seed, task.flips_labels,
+                         corrections[row] is not None) for row, task in enumerate(tasks)]
+                losses = pool.run_round(work, objective, stop,
                                         on_update and (lambda row: on_update(tasks[row].client)))
                 states = [{k: v[row].clone() for k, v in pool.out.items()} for row in range(len(tasks))]
             except (KeyboardInterrupt, RuntimeError):

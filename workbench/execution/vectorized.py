@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from workbench.client import ClientUpdate
-from workbench.config import TrainingConfig
-from workbench.execution.base import ClientTask, batch_order, check_stop
+from workbench.client import (ClientTask, ClientUpdate, LocalObjective, flipped_labels, gradient_correction,
+                              momentum_buffer, step_direction)
+from workbench.execution.base import batch_order, check_stop
+
 
 def why_not_batchable(model: nn.Module) -> str | None:
     """Why `model` cannot be trained client-parallel by `VectorizedExecutor`, or None when it can."""
@@ -57,7 +58,9 @@ class VectorizedExecutor:
     """Trains the whole cohort in lock-step: the clients' weights are stacked along a leading axis and
     `vmap(grad(loss))` takes one SGD step for all of them at once (batched matmul, grouped convolution
     underneath). Per-client batch orders, unequal sizes (masked, ragged last batches), stragglers' fewer
-    epochs and the FedProx proximal gradient match `train_locally`. Memory grows with the clients per
+    epochs, and every term of the `LocalObjective` (momentum, weight decay, proximal, SCAFFOLD's correction,
+    label-flipping attackers) match `train_locally`: each step applies the same `step_direction` and
+    `momentum_buffer` to the stacked weights. Memory grows with the clients per
     round; `max_clients` bounds how many are stacked at a time.
 
     Pays where kernels are launch-bound (GPUs); on a few CPU cores the stacked weights fall out of cache
@@ -85,22 +88,25 @@ class VectorizedExecutor:
 
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
-        x: torch.Tensor, y: torch.Tensor, training: TrainingConfig, mu: float,
+        x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
     ) -> list[ClientUpdate]:
         chunk = self._max_clients or len(tasks) or 1
         updates: list[ClientUpdate] = []
         for start in range(0, len(tasks), chunk):
-            done = self._run_chunk(global_state, tasks[start:start + chunk], x, y, training, mu, stop)
+            done = self._run_chunk(global_state, tasks[start:start + chunk], x, y, objective, stop)
             updates += done
             for update in done if on_update is not None else ():
                 on_update(update.client)
         return updates
 
-    def _run_chunk(self, global_state, tasks, x, y, training, mu, stop) -> list[ClientUpdate]:
+    def why_not_supported(self, objective: LocalObjective) -> str | None:
+        return None
+
+    def _run_chunk(self, global_state, tasks, x, y, objective: LocalObjective, stop) -> list[ClientUpdate]:
         check_stop(stop)
-        num_clients, lr, device = len(tasks), training.lr, x.device
-        positions, mask = batch_schedule(tasks, training.batch_size)
+        num_clients, lr, device = len(tasks), objective.lr, x.device
+        positions, mask = batch_schedule(tasks, objective.batch_size)
         # positions into each client's samples -> rows of x
         rows = torch.stack([torch.as_tensor(t.indices, device="cpu")[positions[k]]
                             for k, t in enumerate(tasks)]).to(device)
@@ -108,20 +114,26 @@ class VectorizedExecutor:
         names = [name for name, _ in self._model.named_parameters()]
         anchors = {n: global_state[n].detach() for n in names}
         params = {n: anchors[n].unsqueeze(0).repeat(num_clients, *[1] * anchors[n].ndim) for n in names}
+        corrections = self._stacked_corrections(tasks, names)
+        flips = torch.tensor([t.flips_labels for t in tasks], device=device).view(-1, 1)
+        buffers: dict[str, torch.Tensor | None] = dict.fromkeys(names)
         total_loss = torch.zeros(num_clients, dtype=mask.dtype, device=device)
         for step in range(rows.shape[1]):
             check_stop(stop)
             step_mask = mask[:, step]
-            grads, losses = self._step(params, x[rows[:, step]], y[rows[:, step]], step_mask)
+            labels = y[rows[:, step]]
+            if objective.num_classes:
+                labels = torch.where(flips, flipped_labels(labels, objective.num_classes), labels)
+            grads, losses = self._step(params, x[rows[:, step]], labels, step_mask)
             counts = step_mask.sum(1)
             active = (counts > 0).to(step_mask.dtype)
             with torch.no_grad():
                 for n in names:
-                    g = grads[n]
-                    if mu:
-                        g = g + mu * (params[n] - anchors[n])
+                    # clients that ran out of steps stay put; their buffers are never read again
+                    direction = step_direction(grads[n], params[n], anchors[n], corrections.get(n), objective)
+                    buffers[n] = momentum_buffer(buffers[n], direction, objective.momentum)
                     scale = (active * -lr).view(-1, *[1] * anchors[n].ndim)
-                    params[n] = params[n] + scale * g
+                    params[n] = params[n] + scale * buffers[n]
             total_loss += losses.detach() * counts
         losses = (total_loss.cpu() / torch.tensor([len(t.indices) * t.num_epochs for t in tasks])).tolist()
         updates = []
@@ -131,3 +143,11 @@ class VectorizedExecutor:
             updates.append(ClientUpdate(task.client, state, len(task.indices), task.num_epochs, losses[k],
                                         task.is_partial))
         return updates
+
+    @staticmethod
+    def _stacked_corrections(tasks: Sequence[ClientTask], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient corrections of all clients, stacked (empty without SCAFFOLD)."""
+        per_client = [gradient_correction(t.payload, t.client_state, names) for t in tasks]
+        if all(c is None for c in per_client):
+            return {}
+        return {n: torch.stack([c[i] for c in per_client]) for i, n in enumerate(names)}

@@ -55,7 +55,7 @@ class MlflowCallback(Callback):
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, extra_tags: dict[str, str] | None = None, *,
                  parent_run_id: str | None = None, state_dir: str | Path | None = None,
-                 flush_every_s: float | None = None):
+                 flush_every_s: float | None = None, resume_from: Checkpoint | None = None):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
@@ -65,7 +65,8 @@ class MlflowCallback(Callback):
         self.state_root = Path(state_dir or os.environ.get(STATE_DIR_ENV) or default_state_root())
         self.client = open_client(self.tracking_uri)
         self.run_id: str | None = None
-        self._resume_from: Checkpoint | None = None
+        #: the checkpoint a resumed run continues from (None: a new run)
+        self._resume_from = resume_from
         self._last_round = 0
         self._last_state: dict[str, torch.Tensor] | None = None
         self._best_round, self._best_value = 0, -math.inf

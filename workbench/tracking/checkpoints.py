@@ -97,10 +97,9 @@ class Checkpoint:
 
 
 def server_state(federation: Federation) -> dict[str, torch.Tensor]:
-    """The strategy's own state (server momentum, control variates, ...), for strategies that keep one:
-    they expose `state_dict()` / `load_state_dict()`. FedAvg and FedProx keep none."""
-    state_dict = getattr(federation.strategy, "state_dict", None)
-    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict().items()} if state_dict else {}
+    """The strategy's own state (server moments, control variates, the privacy accountant, ...): its
+    `state_dict()`, on the CPU. FedAvg and FedProx keep none."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in federation.strategy.state_dict().items()}
 
 
 def write_checkpoint(folder: Path, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], round_: int,

@@ -29,11 +29,12 @@ CLIENT_TABLE = "clients/client_rounds.csv"
 CLIENT_PARTS_DIR = "clients/parts"
 _PART_NAME = re.compile(r"s(\d+)-(\d+)-(\d+)rows\.csv")
 #: One row per client and round in which it trained or was evaluated. Of an update (empty for clients that
-#: sent none): num_samples, num_epochs, is_partial, local_train_loss (mean loss of its local mini-batches),
-#: update_norm, drift (cosine to the sample-weighted mean update). Of the new global model, in evaluation
+#: sent none): num_samples, num_epochs, num_steps (local SGD steps), is_partial, is_malicious (a simulated
+#: attacker: `attack.*`), local_train_loss (mean loss of its local mini-batches), update_norm, drift (cosine
+#: to the sample-weighted mean update). Of the new global model, in evaluation
 #: rounds: train_loss on the client's training data, test_accuracy on its own test data.
-CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "is_partial", "local_train_loss",
-                  "update_norm", "drift", "train_loss", "test_accuracy")
+CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "num_steps", "is_partial",
+                  "is_malicious", "local_train_loss", "update_norm", "drift", "train_loss", "test_accuracy")
 PARTITION_DIR = "partition"
 
 
@@ -44,8 +45,8 @@ def client_rows(result: RoundResult) -> list[list[Any]]:
     for client in sorted(clients | set(result.sampled)):
         m = result.client_metrics.get(client, {})
         rows.append([result.round, client, int(client in result.sampled),
-                     *(_cell(m.get(k)) for k in ("num_samples", "num_epochs", "is_partial", "local_train_loss",
-                                                 "update_norm", "drift")),
+                     *(_cell(m.get(k)) for k in ("num_samples", "num_epochs", "num_steps", "is_partial",
+                                                 "is_malicious", "local_train_loss", "update_norm", "drift")),
                      _cell(result.client_train_loss.get(client)), _cell(result.client_accuracy.get(client))])
     return rows
 

@@ -47,9 +47,7 @@ def resume(run_id: str, tracking_uri: str | None = None, callbacks: Sequence[Cal
         checkpoint = Checkpoint(run_id, 0, {k: v.detach().cpu().clone() for k, v in federation.model.state_dict().items()},
                                 {}, 0, -math.inf, is_remote=False)
     federation.model.load_state_dict(checkpoint.state)
-    if checkpoint.server_state:
-        federation.strategy.load_state_dict(checkpoint.server_state)
     experiment = client.get_experiment(logged.info.experiment_id).name
-    tracker = MlflowCallback(tracking_uri, experiment=experiment, state_dir=state_dir)
-    tracker._resume_from = checkpoint
-    return run(federation, [tracker, *callbacks], executor, stop=stop, start_round=checkpoint.round + 1)
+    tracker = MlflowCallback(tracking_uri, experiment=experiment, state_dir=state_dir, resume_from=checkpoint)
+    return run(federation, [tracker, *callbacks], executor, stop=stop, start_round=checkpoint.round + 1,
+               strategy_state=checkpoint.server_state)

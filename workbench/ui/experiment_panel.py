@@ -31,8 +31,9 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "data.alpha": ("data.name", ("synthetic",)),
     "data.beta": ("data.name", ("synthetic",)),
     "data.root": ("data.name", ("fashion_mnist", "mnist", "cifar10")),
-    "strategy.mu": ("strategy.name", ("fedprox",)),
-}  # partition.* keys: `workbench.partition.knobs_in_use` decides
+}  # partition.* keys: `workbench.partition.knobs_in_use` decides; strategy knobs: their `Knob.used_by`
+#: The strategies each strategy-specific knob is used by (from the config: one place).
+KNOBS_USED_BY = {k.key: k.used_by for k in knobs() if k.used_by}
 _ERROR_STYLE = "color:#b00020;font-size:12px;line-height:1.3"
 
 
@@ -56,6 +57,9 @@ def applies(key: str, values: Mapping[str, Any]) -> bool:
         except (ValueError, TypeError):
             return True  # an invalid partition section: keep every control editable to fix it
         return key in knobs_in_use(section)
+    used_by = KNOBS_USED_BY.get(key, ())
+    if used_by:
+        return values.get("strategy.name") in used_by
     if key not in APPLIES_WHEN:
         return True
     other, accepted = APPLIES_WHEN[key]

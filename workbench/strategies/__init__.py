@@ -1,0 +1,34 @@
+"""Federated algorithms on one seam (`Strategy`): FedAvg and FedProx, server optimizers, SCAFFOLD,
+FedNova, robust aggregation and DP-FedAvg, each built by its public name."""
+
+from __future__ import annotations
+
+import importlib
+
+from workbench.config import STRATEGIES, ExperimentConfig
+from workbench.strategies.base import (Payload, State, Strategy, StrategyBase, aggregate_by_samples, apply_delta,
+                                       base_objective, mean_delta, sample_weights, weighted_average)
+from workbench.strategies.fedavg import FedAvg, FedProx
+
+#: public name -> "module:class" whose `from_config(config)` builds it (imported on first use)
+REGISTRY = {
+    "fedavg": "workbench.strategies.fedavg:FedAvg",
+    "fedprox": "workbench.strategies.fedavg:FedProx",
+}
+
+__all__ = ["REGISTRY", "FedAvg", "FedProx", "Payload", "State", "Strategy", "StrategyBase", "aggregate_by_samples",
+           "apply_delta", "base_objective", "build_strategy", "mean_delta", "sample_weights", "strategy_class",
+           "weighted_average"]
+
+
+def strategy_class(name: str) -> type:
+    """The class behind `strategy.name = name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"strategy.name must be one of {{{', '.join(STRATEGIES)}}}, got {name!r}")
+    module, _, attribute = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def build_strategy(config: ExperimentConfig) -> Strategy:
+    """The strategy `config.strategy.name` names, with its knobs (never a silent fallback)."""
+    return strategy_class(config.strategy.name).from_config(config)
