@@ -6,25 +6,32 @@ ratios fast/limit and sequential/fast.
 
     .venv/bin/python benchmarks/round_speed.py            # the full table (many minutes on 2 cores)
     .venv/bin/python benchmarks/round_speed.py --quick    # 10 clients per round, fewer repeats
+
+A second table prices the strategies: whole rounds (`simulation.run_round`: plan, train, finish, aggregate,
+measure; no evaluation) of SCAFFOLD and FedAdam against FedAvg's on the same executor, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workbench.config import TrainingConfig
+from workbench.config import ExperimentConfig, TrainingConfig
 from workbench.execution import (ClientTask, ProcessExecutor, SequentialExecutor, VectorizedExecutor,
                                  close_pools, usable_cpus)
 from workbench.models import build_model
-from workbench.strategies import aggregate_by_samples, base_objective
+from workbench.simulation import Federation, run_round
+from workbench.data import Dataset
+from workbench.strategies import aggregate_by_samples, base_objective, build_strategy
 
 NUM_CLIENTS, SAMPLES_PER_CLIENT, SHAPE, NUM_CLASSES = 100, 600, (1, 28, 28), 10
 TRAINING = TrainingConfig(local_epochs=1, batch_size=10, lr=0.05)
@@ -88,6 +95,8 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=2.0,
                         help="each timing repeats a round until this many seconds have passed (mean per round)")
     parser.add_argument("--limit-batch", type=int, default=100, help="batch size of the centralized pass")
+    parser.add_argument("--strategies", default="fedavg,scaffold,fedadam",
+                        help="strategies priced in the second table (the first is the baseline)")
     parser.add_argument("--vectorized-max", type=int, default=10,
                         help="largest cohort for the vectorized executor on CPU (it is slow there)")
     args = parser.parse_args()
@@ -160,6 +169,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                     results.setdefault((name, size, label), []).append(seconds)
                     print(f"  rep {rep + 1} {name:4} {size:3} clients  {label:28} {seconds:8.3f} s", flush=True)
+    strategy_costs = price_strategies(args, nets, x, y, device, min(sizes), repeats)
 
     print(f"\n# seconds per round, median of {repeats} (load average {os.getloadavg()[0]:.1f} at end); on a shared "
           "machine compare the minima too (other work only ever adds time):")
@@ -181,7 +191,55 @@ def main() -> None:
             print(f"| {name} | {size} | {med[seq_label]:.2f} ({seq_label[-2:]}) | {fast:.2f} | {others} | "
                   f"{med[limit_label]:.2f} ({limit_label[-2:]}) | {fast / med[limit_label]:.2f} | "
                   f"{med[seq_label] / fast:.2f} |")
+    print_strategy_table(strategy_costs, args.strategies.split(","))
     close_pools()
+
+
+def benchmark_federation(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                         strategy: str, size: int) -> Federation:
+    """The benchmark's workload as a `Federation` (100 clients of 600 samples), for whole rounds."""
+    config = ExperimentConfig().with_overrides({
+        "federation.num_clients": NUM_CLIENTS, "federation.clients_per_round": size, "federation.rounds": 10**6,
+        "evaluation.every": 10**6, "training.local_epochs": TRAINING.local_epochs,
+        "training.batch_size": TRAINING.batch_size, "training.lr": TRAINING.lr, "strategy.name": strategy})
+    dataset = Dataset("mnist_shaped", x, y, x[:10], y[:10], NUM_CLASSES)
+    clients = [np.arange(c * SAMPLES_PER_CLIENT, (c + 1) * SAMPLES_PER_CLIENT) for c in range(NUM_CLIENTS)]
+    return Federation(config, dataset, clients, copy.deepcopy(model), build_strategy(config), device, {})
+
+
+def price_strategies(args, nets, x, y, device, size: int, repeats: int) -> dict[tuple[str, str, str], list[float]]:
+    """Seconds per whole round of each strategy on each executor (the fast one and the reference)."""
+    on_gpu = device.type == "cuda"
+    costs: dict[tuple[str, str, str], list[float]] = {}
+    strategies = args.strategies.split(",")
+    for rep in range(repeats):
+        for name, model in nets.items():
+            executors = {"sequential": SequentialExecutor(model),
+                         "vectorized" if on_gpu else "processes": (VectorizedExecutor if on_gpu else ProcessExecutor)(model)}
+            for executor_name, executor in executors.items():
+                torch.set_num_threads(1 if executor_name == "sequential" and not on_gpu else usable_cpus())
+                order = strategies[rep % len(strategies):] + strategies[:rep % len(strategies)]
+                for strategy in order:
+                    federation = benchmark_federation(model, x, y, device, strategy, size)
+                    run_round(federation, executor, 1)  # state (variates, moments) exists from here on
+                    rounds = iter(range(2, 10**6))
+                    seconds = timed(lambda: run_round(federation, executor, next(rounds)), args.min_time)
+                    costs.setdefault((name, executor_name, strategy), []).append(seconds)
+                    print(f"  rep {rep + 1} {name:4} {size:3} clients  {executor_name:12} {strategy:10} "
+                          f"{seconds:8.3f} s", flush=True)
+    return costs
+
+
+def print_strategy_table(costs: dict[tuple[str, str, str], list[float]], strategies: list[str]) -> None:
+    baseline, others = strategies[0], strategies[1:]
+    header = ["model", "executor", *(f"{s} (s)" for s in strategies), *(f"{s}/{baseline}" for s in others)]
+    print("\n# whole rounds per strategy, median seconds and the ratio to " + baseline)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, executor in dict.fromkeys((n, e) for n, e, _ in costs):
+        med = {s: statistics.median(costs[(name, executor, s)]) for s in strategies}
+        cells = [f"{med[s]:.3f}" for s in strategies] + [f"{med[s] / med[baseline]:.2f}" for s in others]
+        print(f"| {name} | {executor} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

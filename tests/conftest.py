@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from workbench.config import ExperimentConfig
 
@@ -43,6 +44,16 @@ def tiny_config() -> ExperimentConfig:
         "training.local_epochs": 2, "training.batch_size": 10, "training.lr": 0.05,
         "device": "cpu", "execution.executor": os.environ.get(EXECUTOR_ENV, "auto"),
     })
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as `run` sets for the small models of these tests: two threads on a shared
+    2-core machine only spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def pytest_collection_modifyitems(items):

@@ -122,6 +122,35 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(config, tracki
     assert len(keys) == len(set(keys)) and {int(r["round"]) for r in rows} == set(range(1, rounds + 1))
 
 
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "dp_fedavg"])
+def test_stateful_strategies_resume_from_mlflow_alone_to_the_uninterrupted_result(config, tracking_uri, tmp_path,
+                                                                                  strategy):
+    """Server moments, every client's control variate and the privacy accountant come back from the
+    checkpoint in MLflow (the local state deleted), two rounds older than the kill: the resumed run
+    recomputes them and ends with the uninterrupted run's model and every metric (dp_epsilon included)."""
+    rounds = 6
+    config = config.with_overrides({"checkpoint.every": 2, "federation.rounds": rounds, "strategy.name": strategy,
+                                    "federation.straggler_fraction": 0.0, "strategy.noise_multiplier": 0.3,
+                                    "strategy.adaptive_lr": 0.05})
+    process = start_held_cli(tmp_path / "held", 3, "run", *cli_args(config), "--tracking-uri", tracking_uri,
+                             "--experiment", "stateful", "--quiet")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    run_id = only_run_id(tracking_uri, "stateful")
+    shutil.rmtree(tmp_path / "run-state" / run_id)
+
+    assert resume(run_id, tracking_uri).status == "FINISHED"
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(run_id).data.tags["resumed_from_round"] == "2"
+    reference = prepare(config)
+    expected = run(reference, [])
+    assert_one_point_per_round(client, run_id, rounds, expected)
+    if strategy == "dp_fedavg":
+        epsilon = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "dp_epsilon"))
+        assert epsilon == expected.metric("dp_epsilon") and len(epsilon) == rounds
+    assert_same_model(load_model(run_id, tracking_uri), reference.model)
+
+
 #: `workbench run` on a store whose second upload of checkpoints never ends (after creating GATE): the run
 #: trains on until its next send has to wait for that one, leaving checkpoints queued in its local state.
 STUCK_UPLOAD = """

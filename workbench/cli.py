@@ -177,6 +177,8 @@ def run_experiment(config: ExperimentConfig, tracking_uri: str | None, experimen
         raise UsageError(str(err)) from err
     callbacks = [tracker] if quiet else [tracker, ProgressBar(label)]
     history = tracked(lambda: tracker.run_id, lambda stop: run(federation, callbacks, stop=stop))
+    if history.stop_reason is not None:
+        print(f"{label or 'run'} ended after round {len(history.rounds)}: {history.stop_reason}", file=sys.stderr)
     return tracker.run_id, history.final()
 
 
@@ -368,9 +370,16 @@ def format_metric(key: str, value: float) -> str:
     return f"{value:.0f}" if key.startswith("num_") else f"{value:.4f}"
 
 
+#: How tables name the strategies (their papers' spelling).
+STRATEGY_TITLES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
+                   "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad", "scaffold": "SCAFFOLD", "fednova": "FedNova",
+                   "median": "Median", "trimmed_mean": "Trimmed mean", "krum": "Krum", "multi_krum": "Multi-Krum",
+                   "dp_fedavg": "DP-FedAvg"}
+
+
 def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) -> str:
-    headers = {"fedavg": "FedAvg", "fedprox": f"FedProx (mu={mu:g})"}
-    rows = [f"{'final metric':30s}" + "".join(f"{headers[n]:>20s}" for n in results)]
+    headers = {**STRATEGY_TITLES, "fedprox": f"FedProx (mu={mu:g})"}
+    rows = [f"{'final metric':30s}" + "".join(f"{headers.get(n, n):>20s}" for n in results)]
     for key in DEMO_METRICS:
         cells = [f"{format_metric(key, final[key]) if key in final else '-':>20s}" for _, final in results.values()]
         rows.append(f"{key:30s}" + "".join(cells))

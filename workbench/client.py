@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +87,12 @@ class ClientUpdate:
     payload: Mapping[str, Tensors] = field(default_factory=dict)
     #: the client's own state after the round (SCAFFOLD: `{"c_i": {...}}`), written back by the strategy
     client_state: Mapping[str, Tensors] = field(default_factory=dict)
+
+
+def torch_generator(rng: np.random.Generator) -> torch.Generator:
+    """A torch generator seeded from a numpy one (a seed stream of `simulation`): how every torch-side
+    random draw (attack noise, DP noise) is keyed to the same (seed, round, ...) as the rest."""
+    return torch.Generator().manual_seed(int(rng.integers(2**63)))
 
 
 def num_local_steps(num_samples: int, num_epochs: int, batch_size: int) -> int:

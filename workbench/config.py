@@ -16,7 +16,8 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "classes_per_client", "quanti
 #: Schemes that may form the skewed part of `mixture`.
 MIXTURE_SKEWS = ("dirichlet", "shards", "classes_per_client", "quantity")
 QUANTITY_DISTRIBUTIONS = ("dirichlet", "lognormal")
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova", "median",
+              "trimmed_mean", "krum", "multi_krum", "dp_fedavg")
 #: Groups of strategies that share knobs (each knob says which strategies use it: `Knob.used_by`).
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")

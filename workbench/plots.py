@@ -152,6 +152,22 @@ def comparison_figure(
     return figure
 
 
+def tradeoff_figure(x: Sequence[float], y: Sequence[float], y_error: Sequence[float], labels: Sequence[str], *,
+                    x_label: str, y_label: str, title: str = "") -> Figure:
+    """One point per setting (mean y with its error bar against x), each labelled: a trade-off such as
+    accuracy against the privacy spent."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.errorbar(x, y, yerr=[0.0 if e != e else e for e in y_error], marker="o", capsize=3, linestyle="-")
+    for xi, yi, label in zip(x, y, labels):
+        ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return figure
+
+
 # ----- partitions: client x class counts, as `workbench.partition.count_matrix` returns them -----
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.attacks import attack_update, choose_malicious
-from workbench.client import ClientTask, ClientUpdate, LocalObjective, finish_update
+from workbench.client import ClientTask, ClientUpdate, LocalObjective, finish_update, torch_generator
 from workbench.config import ExperimentConfig
 from workbench.data import Dataset, load_dataset
 from workbench.execution import Executor, RunStopped, SequentialExecutor, build_executor, check_stop
@@ -425,10 +425,6 @@ class Cohort:
 def server_stream(config: ExperimentConfig, round_: int, purpose: int, *keys: int) -> np.random.Generator:
     """The server's random generator for one purpose in one round (attackers, their noise, DP noise)."""
     return stream(config.seed, STREAM_SERVER, round_, purpose, *keys)
-
-
-def torch_generator(rng: np.random.Generator) -> torch.Generator:
-    return torch.Generator().manual_seed(int(rng.integers(2**63)))
 
 
 def plan_cohort(federation: Federation, round_: int) -> Cohort:

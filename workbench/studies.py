@@ -15,7 +15,8 @@ from torch import nn
 
 from workbench.config import ExperimentConfig
 from workbench.simulation import STREAM_TRAINING, History, prepare, run, stream
-from workbench.tracking import MlflowCallback
+from workbench.plots import tradeoff_figure
+from workbench.tracking import MlflowCallback, ci95_half_width, final_values
 
 #: The heterogeneity levels of Li et al. (MLSys 2020), Figure 1: Synthetic-IID, then Synthetic(alpha, beta).
 FEDPROX_HETEROGENEITY: dict[str, dict[str, object]] = {
@@ -189,3 +190,31 @@ def one_client_vs_sgd(config: ExperimentConfig) -> Equivalence:
     history = run(federation)
     return Equivalence(max_weight_difference(snapshot(federation.model), sgd_reference(config)), 0.0,
                        len(history.rounds))
+
+
+#: The methods of notebook 06, in the order the README's strategy table lists them.
+BEYOND_FEDAVG = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
+ROBUST_AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+
+
+def privacy_tradeoff(experiment: str, tracking_uri: str | None = None, *, sweep_id: str | None = None,
+                     metric: str = "test_accuracy"):
+    """DP-FedAvg's privacy-utility trade-off from MLflow: per noise multiplier z, the epsilon spent (at the
+    run's privacy.delta) and `metric` at the end, mean and 95 % interval over seeds; with its figure."""
+    import pandas
+
+    runs = final_values(experiment, [metric, "dp_epsilon"], tracking_uri, sweep_id=sweep_id)
+    if "strategy.noise_multiplier" not in runs:
+        raise ValueError(f"the runs of {experiment!r} do not vary strategy.noise_multiplier (sweep it: "
+                         f"--grid strategy.noise_multiplier=0.5,1,2)")
+    rows = []
+    for z, group in runs.groupby(runs["strategy.noise_multiplier"].astype(float), sort=True):
+        values = group[metric].to_numpy(dtype=float)
+        rows.append({"noise_multiplier": z, "num_runs": len(group), "dp_epsilon": float(group["dp_epsilon"].mean()),
+                     f"{metric}_mean": float(values.mean()), f"{metric}_ci95": ci95_half_width(values)})
+    table = pandas.DataFrame(rows)
+    noisy = table[table["noise_multiplier"] > 0]  # z = 0 spends an unbounded epsilon: no point on the axis
+    figure = tradeoff_figure(noisy["dp_epsilon"], noisy[f"{metric}_mean"], noisy[f"{metric}_ci95"],
+                             [f"z={z:g}" for z in noisy["noise_multiplier"]], x_label="epsilon spent",
+                             y_label=metric.replace("_", " "), title="DP-FedAvg: privacy against accuracy")
+    return table, figure

@@ -14,6 +14,17 @@ from workbench.strategies.fedavg import FedAvg, FedProx
 REGISTRY = {
     "fedavg": "workbench.strategies.fedavg:FedAvg",
     "fedprox": "workbench.strategies.fedavg:FedProx",
+    "fedavgm": "workbench.strategies.server_optimizers:FedAvgM",
+    "fedadam": "workbench.strategies.server_optimizers:FedAdam",
+    "fedyogi": "workbench.strategies.server_optimizers:FedYogi",
+    "fedadagrad": "workbench.strategies.server_optimizers:FedAdagrad",
+    "scaffold": "workbench.strategies.scaffold:Scaffold",
+    "fednova": "workbench.strategies.fednova:FedNova",
+    "median": "workbench.strategies.robust:Median",
+    "trimmed_mean": "workbench.strategies.robust:TrimmedMean",
+    "krum": "workbench.strategies.robust:Krum",
+    "multi_krum": "workbench.strategies.robust:MultiKrum",
+    "dp_fedavg": "workbench.strategies.dp:DPFedAvg",
 }
 
 __all__ = ["REGISTRY", "FedAvg", "FedProx", "Payload", "State", "Strategy", "StrategyBase", "aggregate_by_samples",

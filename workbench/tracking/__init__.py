@@ -7,8 +7,8 @@ from workbench.tracking.callback import FLUSH_ENV, FLUSH_EVERY_S, UNPUBLISHED_DI
 from workbench.tracking.checkpoints import (CHECKPOINT_DIR, MODEL_DIR, Checkpoint, build_ready_model,
                                             checkpoint_rounds, latest_checkpoint, load_model, log_model, model_spec,
                                             read_checkpoint, server_state, write_checkpoint)
-from workbench.tracking.comparison import (SWEEP_PARENT_TAG, Comparison, compare, format_comparison, mean_curve,
-                                           mean_std, rounds_to_reach)
+from workbench.tracking.comparison import (SWEEP_PARENT_TAG, Comparison, ci95_half_width, compare, final_values,
+                                           format_comparison, mean_curve, mean_std, rounds_to_reach)
 from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_PARTS_DIR, CLIENT_TABLE, PARTITION_DIR, client_rows,
                                        load_client_table, load_partition, log_partition)
 from workbench.tracking.resuming import config_from_params, resume
@@ -20,7 +20,8 @@ from workbench.tracking.sweeps import Sweep, sweep, sweep_configs
 
 __all__ = ["CHECKPOINT_DIR", "CLIENT_COLUMNS", "CLIENT_PARTS_DIR", "CLIENT_TABLE", "DEFAULT_EXPERIMENT", "FLUSH_ENV",
            "FLUSH_EVERY_S", "MODEL_DIR", "PARTITION_DIR", "STATE_DIR_ENV", "SWEEP_PARENT_TAG", "TRACKING_ERRORS", "UNPUBLISHED_DIR",
-           "Checkpoint", "Comparison", "MlflowCallback", "Sweep", "TrackingUnavailable", "build_ready_model",
+           "Checkpoint", "Comparison", "MlflowCallback", "Sweep", "TrackingUnavailable", "build_ready_model", "ci95_half_width",
+           "final_values",
            "check_tracking_uri", "checkpoint_rounds", "client_rows", "compare", "config_from_params",
            "default_state_root", "default_tracking_uri", "final_metrics", "flush_interval", "format_comparison",
            "get_or_create_experiment", "latest_checkpoint", "list_runs", "load_client_table", "load_model",

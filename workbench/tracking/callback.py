@@ -225,6 +225,8 @@ class MlflowCallback(Callback):
                                          os.path.dirname(CLIENT_TABLE))
             if self._best_round:
                 self.client.set_tag(self.run_id, "best_round", str(self._best_round))
+            if history.stop_reason is not None:  # e.g. the privacy budget: FINISHED before its last round
+                self.client.set_tag(self.run_id, "stop_reason", history.stop_reason[:5000])
             if history.status == "FINISHED":
                 log_model(self.client, self.run_id, federation)
             status = history.status if history.status in ("FINISHED", "FAILED", "KILLED") else "FAILED"

@@ -42,20 +42,10 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
     import pandas
 
     client = open_client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})")
-    runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
-            if r.data.tags.get(SWEEP_PARENT_TAG) != "parent"
-            and (sweep_id is None or r.data.tags.get("sweep_id") == sweep_id)]
-    if not runs:
-        where = f"sweep {sweep_id}" if sweep_id else f"experiment {experiment!r}"
-        raise ValueError(f"{where} has no FINISHED runs to compare (run some with workbench run / sweep)")
-    config_keys = [k.key for k in knobs() if k.key != "seed"]
-    varied = tuple(k for k in config_keys if len({r.data.params.get(k) for r in runs}) > 1)
+    runs = finished_runs(client, experiment, sweep_id)
+    varied = varied_keys(runs)
     groups: dict[str, list] = {}
-    for r in sorted(runs, key=lambda r: r.info.start_time):
+    for r in runs:
         label = ", ".join(f"{k}={r.data.params.get(k)}" for k in varied) or "all runs"
         groups.setdefault(label, []).append(r)
     curves = {label: {r.info.run_id: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, metric)
@@ -84,6 +74,7 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
                      "num_runs": len(series),
                      "seeds": ",".join(sorted((members[i].data.params.get("seed", "?") for i in series), key=str)),
                      f"final_{metric}_mean": final_mean, f"final_{metric}_std": final_std,
+                     f"final_{metric}_ci95": ci95_half_width(finals[label]),
                      f"best_{metric}_mean": float(np.mean(best)),
                      "rounds_to_target_mean": float(np.mean(hits)) if hits else math.nan,
                      "reached_target": f"{len(hits)}/{len(reached)}"})
@@ -93,12 +84,56 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
     return Comparison(table, figure, metric, float(target), varied, curves)
 
 
+def finished_runs(client, experiment: str, sweep_id: str | None = None) -> list:
+    """The FINISHED runs of an experiment (or of one sweep), sweep parents left out, oldest first."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})")
+    runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
+            if r.data.tags.get(SWEEP_PARENT_TAG) != "parent"
+            and (sweep_id is None or r.data.tags.get("sweep_id") == sweep_id)]
+    if not runs:
+        where = f"sweep {sweep_id}" if sweep_id else f"experiment {experiment!r}"
+        raise ValueError(f"{where} has no FINISHED runs to compare (run some with workbench run / sweep)")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def varied_keys(runs: Sequence) -> tuple[str, ...]:
+    """The config keys (seed aside) whose logged values differ between `runs`."""
+    return tuple(k.key for k in knobs() if k.key != "seed" and len({r.data.params.get(k.key) for r in runs}) > 1)
+
+
 def rounds_to_reach(points: Sequence[tuple[int, float]], target: float, higher_is_better: bool = True) -> int | None:
     """The first round whose value reaches `target` (>= it, or <= for a loss), else None."""
     for round_, value in points:
         if (value >= target) if higher_is_better else (value <= target):
             return round_
     return None
+
+
+def ci95_half_width(values: Sequence[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean over seeds: t(0.975, n-1) * s / sqrt(n)
+    (Student's t; NaN for a single run, whose mean has no interval)."""
+    from scipy.stats import t
+
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) < 2:
+        return math.nan
+    return float(t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
+
+
+def final_values(experiment: str, metrics: Sequence[str], tracking_uri: str | None = None, *,
+                 sweep_id: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+    """One row per FINISHED run of an experiment (or one sweep): its run id, the config keys that vary
+    between the runs, its seed, and the last logged value of each of `metrics` (NaN where it logged none)."""
+    import pandas
+
+    runs = finished_runs(open_client(tracking_uri), experiment, sweep_id)
+    varied = varied_keys(runs)
+    return pandas.DataFrame([{"run_id": r.info.run_id, **{k: r.data.params.get(k) for k in varied},
+                              "seed": r.data.params.get("seed"), **{m: r.data.metrics.get(m, math.nan) for m in metrics}}
+                             for r in runs])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
