@@ -40,6 +40,23 @@ def test_run_end_to_end_reads_metrics_back(tracking_uri, tmp_path):
         assert sorted(m.step for m in history) == [1, 2, 3]  # one point per round, steps 1..R
 
 
+def test_a_privacy_budget_ends_the_run_finished_early_and_says_why(tracking_uri):
+    """DP-FedAvg with privacy.target_epsilon: the run stops before the round that would spend more, ends
+    FINISHED with fewer rounds, its epsilon per round logged, and the reason on stderr and as a tag."""
+    result = workbench("run", *TINY, "--set", "federation.rounds=20", "--set", "strategy.name=dp_fedavg",
+                       "--set", "strategy.noise_multiplier=1.5", "--set", "privacy.target_epsilon=8",
+                       "--tracking-uri", tracking_uri, "--experiment", "dp", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "privacy.target_epsilon" in result.stderr
+    (logged,) = runs_in(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    epsilon = sorted((m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "dp_epsilon"))
+    assert logged.info.status == "FINISHED" and 1 <= len(epsilon) < 20 and epsilon[-1][1] <= 8.0
+    assert [v for _, v in epsilon] == sorted(v for _, v in epsilon)
+    assert "privacy.target_epsilon" in logged.data.tags["stop_reason"]
+    assert logged.data.params["strategy.noise_multiplier"] == "1.5" and logged.data.params["privacy.delta"] == "1e-05"
+
+
 @pytest.mark.parametrize("args, words", [
     (["--set", "partition.alpha=-0.5", "--set", "partition.scheme=dirichlet"], ["partition.alpha", "-0.5", "> 0"]),
     (["--set", "strategy.name=fedprx"], ["strategy.name", "did you mean 'fedprox'"]),
@@ -49,6 +66,10 @@ def test_run_end_to_end_reads_metrics_back(tracking_uri, tmp_path):
      ["federation.num_clients=5000", "use at most"]),
     (["--config", "/nonexistent.yaml"], ["cannot be read"]),
     (["--set", "training.lr"], ["KEY=VALUE"]),
+    (["--set", "strategy.name=krum", "--set", "federation.clients_per_round=5"],
+     ["federation.clients_per_round=5", "krum", "strategy.num_byzantine"]),
+    (["--set", "strategy.name=dp_fedavg", "--set", "strategy.noise_multiplier=0", "--set",
+      "privacy.target_epsilon=2"], ["privacy.target_epsilon", "strategy.noise_multiplier"]),
 ])
 def test_bad_config_exits_2_with_one_line_and_no_run(tracking_uri, capsys, args, words):
     status = main(["run", *args, "--tracking-uri", tracking_uri, "--quiet"])

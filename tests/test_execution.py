@@ -171,13 +171,39 @@ def test_vectorized_is_repeatable():
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
-@pytest.mark.parametrize("mu", [0.0, 0.7])
+#: Every combination of the local objective's terms the kernel writes differently (the in-place path
+#: without momentum, with and without weight decay and the proximal term; the formed-gradient momentum path).
+KERNEL_OBJECTIVES = {
+    "plain": {}, "prox": {"proximal_mu": 0.7}, "decay": {"weight_decay": 0.05},
+    "decay+prox": {"weight_decay": 0.05, "proximal_mu": 0.7},
+    "momentum+decay+prox": {"momentum": 0.9, "weight_decay": 0.05, "proximal_mu": 0.7},
+}
+
+
+@pytest.mark.parametrize("corrected", [False, True], ids=["", "scaffold"])
+@pytest.mark.parametrize("terms", list(KERNEL_OBJECTIVES))
 @pytest.mark.parametrize("model_name", ["logreg", "mlp"])
-def test_fused_kernel_equals_train_locally(model_name, mu):
+def test_fused_kernel_equals_train_locally(model_name, terms, corrected):
     model = build_model(model_name, (1, 3, 4), 5, torch.Generator().manual_seed(0)).double()
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(23, 1, 3, 4, dtype=torch.float64), torch.randint(0, 5, (23,))
-    kwargs = dict(num_epochs=3, objective=LocalObjective(lr=0.3, batch_size=5, proximal_mu=mu))
+    names = [n for n, _ in model.named_parameters()]
+    correction = ([torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) * 0.1
+                   for i, (_, p) in enumerate(model.named_parameters())] if corrected else None)
+    objective = LocalObjective(lr=0.3, batch_size=5, control_variates=corrected, **KERNEL_OBJECTIVES[terms])
+    kwargs = dict(num_epochs=3, objective=objective)
+    ref, ref_loss = train_locally(model, global_state, x, y, generator=torch.Generator().manual_seed(4),
+                                  correction=correction, **kwargs)
+    out, loss = train_chain_locally(linear_chain(model), global_state, x, y,
+                                    generator=torch.Generator().manual_seed(4),
+                                    correction=dict(zip(names, correction)) if corrected else None, **kwargs)
+    assert max_diff(ref, out) < 1e-12
+    assert loss == pytest.approx(ref_loss, rel=1e-12)  # both sum the loss in the model's precision
+    if terms != "plain" or corrected:  # the terms really change the result
+        plain, _ = train_locally(model, global_state, x, y, LocalObjective(lr=0.3, batch_size=5), num_epochs=3,
+                                 generator=torch.Generator().manual_seed(4))
+        assert max_diff(plain, out) > 1e-4
+    kwargs = dict(num_epochs=3, objective=LocalObjective(lr=0.3, batch_size=5, proximal_mu=0.7))
     ref, ref_loss = train_locally(model, global_state, x, y, generator=torch.Generator().manual_seed(4), **kwargs)
     out, loss = train_chain_locally(linear_chain(model), global_state, x, y,
                                     generator=torch.Generator().manual_seed(4), **kwargs)
@@ -194,7 +220,7 @@ def test_fused_kernel_equals_train_locally(model_name, mu):
 
 def test_local_trainer_uses_the_kernel_where_it_applies_and_train_locally_elsewhere():
     x, y = torch.randn(17, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (17,))
-    kwargs = dict(num_epochs=2, objective=LocalObjective(lr=0.2, batch_size=4, proximal_mu=0.3))
+    kwargs = dict(num_epochs=2, objective=LocalObjective(lr=0.2, batch_size=4, proximal_mu=0.3, momentum=0.5))
     for name, kernel in (("mlp", True), ("mlp", False), ("cnn", True)):
         model = build_model(name, (1, 8, 8), 4, torch.Generator().manual_seed(1)).double()
         global_state = {k: v.clone() for k, v in model.state_dict().items()}

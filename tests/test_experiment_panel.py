@@ -99,6 +99,23 @@ def test_knobs_that_do_not_apply_are_disabled_not_hidden(tiny_config, tracking_u
     assert not applies("partition.alpha", {"partition.scheme": "iid"})
 
 
+def test_every_strategy_knob_is_editable_exactly_under_the_strategies_that_use_it(tiny_config, tracking_uri):
+    """The server optimizers' eta, SCAFFOLD's eta_g, Krum's f, DP's C and z, privacy.*: each is greyed out
+    unless the chosen strategy uses it (as the config's `Knob.used_by` says), and attack.* always applies."""
+    panel = ExperimentPanel(tiny_config, tracking_uri=tracking_uri)
+    expected = {"fedadam": {"adaptive_lr", "beta1", "beta2", "tau"}, "fedadagrad": {"adaptive_lr", "beta1", "tau"},
+                "scaffold": {"server_lr"}, "fedavgm": {"server_lr", "server_momentum"},
+                "krum": {"num_byzantine"}, "multi_krum": {"num_byzantine", "num_selected"},
+                "trimmed_mean": {"trim_fraction"}, "median": set(), "fednova": set(),
+                "dp_fedavg": {"clip_norm", "noise_multiplier", "privacy.delta", "privacy.target_epsilon"}}
+    strategy_keys = [k for k in panel.controls if k.startswith(("strategy.", "privacy.")) and k != "strategy.name"]
+    for name, editable in expected.items():
+        panel.controls["strategy.name"].value = name
+        enabled = {k.removeprefix("strategy.") for k in strategy_keys if not panel.controls[k].disabled}
+        assert enabled == editable, name
+        assert not panel.controls["attack.fraction"].disabled and not panel.controls["training.momentum"].disabled
+
+
 def test_a_bad_value_is_shown_at_its_control_and_blocks_run(tiny_config, tracking_uri):
     panel = ExperimentPanel(tiny_config, tracking_uri=tracking_uri)
     panel.controls["data.name"].value = "digits"

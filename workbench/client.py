@@ -43,11 +43,6 @@ class LocalObjective:
     #: > 0: the number of classes C; clients marked `flips_labels` train on C - 1 - y (an attack)
     num_classes: int = 0
 
-    @property
-    def has_local_terms(self) -> bool:
-        """Whether a step is anything more than w <- w - lr * g (+ the proximal term)."""
-        return bool(self.momentum or self.weight_decay or self.control_variates)
-
 
 @dataclass(frozen=True)
 class ClientTask:

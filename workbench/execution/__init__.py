@@ -11,7 +11,7 @@ from torch import nn
 from workbench.client import ClientTask
 from workbench.execution.base import (Executor, RunStopped, SequentialExecutor, batch_order, check_stop,
                                       default_threads, task_labels)
-from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally, why_kernel_cannot
+from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
 from workbench.execution.processes import ProcessExecutor, close_pools, usable_cpus
 from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, why_not_batchable
 
@@ -20,7 +20,7 @@ EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "ve
 __all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
            "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "batch_order", "batch_schedule", "build_executor",
            "check_stop", "close_pools", "default_threads", "linear_chain", "resolve_executor", "task_labels",
-           "train_chain_locally", "usable_cpus", "why_kernel_cannot", "why_not_batchable"]
+           "train_chain_locally", "usable_cpus", "why_not_batchable"]
 
 
 def resolve_executor(name: str, model: nn.Module) -> str:

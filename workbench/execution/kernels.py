@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.client import LocalObjective, train_locally
+from workbench.client import LocalObjective, momentum_buffer, step_direction, train_locally
 from workbench.models import MLP, LogisticRegression
 
 
@@ -33,24 +33,29 @@ def train_chain_locally(
     *,
     num_epochs: int,
     generator: torch.Generator,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """`train_locally` for the linear chain `chain` (see `linear_chain`) and an objective without momentum,
-    weight decay or correction (`kernel_supports`): same batch order, same SGD steps,
-    same proximal gradient mu * (w - w_global) (Li et al. 2020, Eq. 2), same mean loss; only rounding
-    differs (float64 agrees to 1e-12, float32 within 1e-5 after a round: tests/test_execution.py).
+    """`train_locally` for the linear chain `chain` (see `linear_chain`): same batch order, same SGD steps
+    with every term of the `LocalObjective` (weight decay, the proximal gradient mu * (w - w_global) of Li
+    et al. 2020, Eq. 2, SCAFFOLD's correction, by parameter name in `correction`, and momentum), same mean
+    loss; only rounding differs (float64 agrees to 1e-12, float32 within 1e-5 after a round:
+    tests/test_execution.py).
 
     Written for few, cheap calls per step, since at B = 10 the per-call cost rivals the arithmetic:
     each epoch gathers its shuffled samples once so batches are views; the gradient of mean cross-entropy
-    w.r.t. the logits is (softmax - onehot) / batch; each weight update is one in-place GEMM
-    (w -= lr * delta^T a), preceded for FedProx by w += lr*mu*(w_global - w) (one lerp); the losses are
-    written into one buffer per epoch and summed once."""
-    reason = why_kernel_cannot(objective)
-    if reason is not None:
-        raise ValueError(f"the fused kernel cannot train this objective: {reason}")
-    lr, mu, batch_size = objective.lr, objective.proximal_mu, objective.batch_size
+    w.r.t. the logits is (softmax - onehot) / batch; without momentum each weight update is one in-place
+    GEMM (w -= lr * delta^T a), preceded for FedProx by w += lr*mu*(w_global - w) (one lerp; with weight
+    decay w <- w(1 - lr(wd + mu)) + lr mu w_global) and followed by w -= lr (c - c_i); with momentum the
+    gradient is formed and goes through `step_direction` and `momentum_buffer`, as in `train_locally`; the
+    losses are written into one buffer per epoch and summed once."""
+    lr, mu, wd, batch_size = objective.lr, objective.proximal_mu, objective.weight_decay, objective.batch_size
+    rho = objective.momentum
     weights = [global_state[f"{p}.weight"].detach().clone() for p in chain]
     biases = [global_state[f"{p}.bias"].detach().clone() for p in chain]
     anchors = [(global_state[f"{p}.weight"], global_state[f"{p}.bias"]) for p in chain]
+    corrections = ([(correction[f"{p}.weight"], correction[f"{p}.bias"]) for p in chain] if correction is not None
+                   else [(None, None)] * len(chain))
+    buffers: list[list[torch.Tensor | None]] = [[None, None] for _ in chain]
     x = x.flatten(1)
     num_samples, last = len(y), len(chain) - 1
     onehot = F.one_hot(y, weights[-1].shape[0]).to(weights[-1].dtype)
@@ -72,11 +77,24 @@ def train_chain_locally(
                 w, b, inputs = weights[i], biases[i], activations[i]
                 # the next delta needs this layer's weights before the step; ReLU passes it where a > 0
                 below = torch.ops.aten.threshold_backward(delta.mm(w), inputs, 0) if i else None
-                if mu:
-                    w.lerp_(anchors[i][0], lr * mu)
-                    b.lerp_(anchors[i][1], lr * mu)
-                w.addmm_(delta.t(), inputs, alpha=-lr)
-                b.add_(delta.sum(0), alpha=-lr)
+                if rho:
+                    for j, (param, grad) in enumerate(((w, delta.t().mm(inputs)), (b, delta.sum(0)))):
+                        direction = step_direction(grad, param, anchors[i][j], corrections[i][j], objective)
+                        buffers[i][j] = momentum_buffer(buffers[i][j], direction, rho)
+                        param.add_(buffers[i][j], alpha=-lr)
+                else:
+                    for param, anchor in ((w, anchors[i][0]), (b, anchors[i][1])):
+                        if wd:
+                            param.mul_(1 - lr * (wd + mu))
+                            if mu:
+                                param.add_(anchor, alpha=lr * mu)
+                        elif mu:
+                            param.lerp_(anchor, lr * mu)
+                    w.addmm_(delta.t(), inputs, alpha=-lr)
+                    b.add_(delta.sum(0), alpha=-lr)
+                    if corrections[i][0] is not None:
+                        w.add_(corrections[i][0], alpha=-lr)
+                        b.add_(corrections[i][1], alpha=-lr)
                 delta = below
         total_loss -= torch.vdot(log_probs.flatten(), targets_all.flatten())
     trained = {k: v for prefix, w, b in zip(chain, weights, biases)
@@ -85,16 +103,9 @@ def train_chain_locally(
     return state, float(total_loss) / (num_samples * num_epochs)
 
 
-def why_kernel_cannot(objective: LocalObjective) -> str | None:
-    """Why the fused kernel cannot honour `objective` (it implements plain SGD with the proximal term)."""
-    if objective.has_local_terms:
-        return "it implements plain SGD with the proximal term only (no momentum, weight decay or correction)"
-    return None
-
-
 class LocalTrainer:
     """One client's local work on a scratch model: the fused kernel where it applies (the model is a
-    linear chain and the objective plain SGD with the proximal term), else `train_locally`."""
+    linear chain), else `train_locally`."""
 
     def __init__(self, model: nn.Module, use_kernel: bool = True):
         self.model = model
@@ -107,8 +118,10 @@ class LocalTrainer:
     def __call__(self, global_state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  objective: LocalObjective, *, num_epochs: int, generator: torch.Generator,
                  correction: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], float]:
-        if self.chain is not None and correction is None and why_kernel_cannot(objective) is None:
+        if self.chain is not None:
+            names = [name for name, _ in self.model.named_parameters()]
             return train_chain_locally(self.chain, global_state, x, y, objective, num_epochs=num_epochs,
-                                       generator=generator)
+                                       generator=generator,
+                                       correction=dict(zip(names, correction)) if correction is not None else None)
         return train_locally(self.model, global_state, x, y, objective, num_epochs=num_epochs,
                              generator=generator, correction=correction)
