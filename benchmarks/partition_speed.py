@@ -37,7 +37,7 @@ def best_time(fn, repeat: int) -> float:
 
 def time_schemes(repeat: int) -> None:
     rng = np.random.default_rng(0)
-    configs = {s: PartitionConfig(scheme=s) for s in PARTITION_SCHEMES if s != "natural"} | EXTRA
+    configs = {s: PartitionConfig(scheme=s) for s in PARTITION_SCHEMES if s not in ("natural", "auto")} | EXTRA  # auto is one of them
     print(f"{'scheme':26s}" + "".join(f"{f'{n // 1000}k/{c}':>12s}" for n in SIZES for c in CLIENTS))
     labels = {n: rng.integers(0, 10, n) for n in SIZES}  # 10 classes, MNIST-like
     natural = {(n, c): np.array_split(np.arange(n), c) for n in SIZES for c in CLIENTS}

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import stop_process_group
 from mlflow.tracking import MlflowClient
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -47,8 +48,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def api(base: str, token: str, path: str, method: str = "GET"):
-    request = urllib.request.Request(f"{base}{path}", method=method, headers={"Authorization": f"token {token}"})
+def api(base: str, token: str, path: str, method: str = "GET", body: dict | None = None):
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         body = response.read()
     return json.loads(body) if body else None
@@ -99,6 +102,7 @@ def jupyterlab(tmp_path, tracking_uri):
             except OSError:
                 assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
                 time.sleep(0.5)
+        start_notebook_kernel(base, token, NOTEBOOK.name)
         yield base, token
     finally:
         try:
@@ -106,14 +110,31 @@ def jupyterlab(tmp_path, tracking_uri):
                 api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
         except OSError:
             pass  # the server is already gone; its process group goes below anyway
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+        stop_process_group(process)
         log.close()
+
+
+def start_notebook_kernel(base: str, token: str, path: str) -> None:
+    """Start the notebook's kernel through the server's API: the page then opens onto a running session, so
+    JupyterLab never races its own kernel start-up (on a loaded machine it would ask which kernel to start,
+    and drop the cells sent before the kernel's websocket is up). `wait_for_kernel` waits for it to answer."""
+    api(base, token, "/api/sessions", method="POST",
+        body={"path": path, "name": path, "type": "notebook", "kernel": {"name": "python3"}})
+
+
+#: True once the focused notebook's kernel is connected and idle (JupyterLab's own session state).
+KERNEL_READY = """() => {
+    const widget = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const kernel = widget && widget.sessionContext && widget.sessionContext.session
+        && widget.sessionContext.session.kernel;
+    return Boolean(kernel && kernel.connectionStatus === 'connected' && kernel.status === 'idle');
+}"""
+
+
+def wait_for_kernel(page, timeout_s: float = 600) -> None:
+    """Wait until the notebook's kernel answers (the event, not a guess at how long start-up takes; the
+    timeout only catches a kernel that never starts)."""
+    page.wait_for_function(KERNEL_READY, timeout=timeout_s * 1000, polling=200)
 
 
 def answer_kernel_dialog(page) -> None:
@@ -127,7 +148,7 @@ def answer_kernel_dialog(page) -> None:
             dialog.first.locator(".jp-mod-accept").click()
 
 
-def run_all_cells(page, timeout_s: float = 150) -> None:
+def run_all_cells(page, timeout_s: float = 600) -> None:
     """Run every cell, retrying while the kernel is not really ready (JupyterLab reports it idle
     before its websocket is up, and a run sent then is lost): done when the panel's Run button shows."""
     run_button = page.locator(".workbench-experiment-panel button", has_text=re.compile(r"^\s*Run\s*$"))
@@ -144,7 +165,7 @@ def run_all_cells(page, timeout_s: float = 150) -> None:
         # Fire and forget: the command's promise never settles when the kernel drops the request.
         page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         try:
-            run_button.wait_for(state="visible", timeout=40_000)
+            run_button.wait_for(state="visible", timeout=120_000)
             return
         except Exception:  # playwright's TimeoutError: send the run again
             step("no panel yet: running all cells again")
@@ -174,6 +195,8 @@ def test_quickstart_panel_runs_and_stops_in_a_real_browser(jupyterlab, tracking_
             news = page.get_by_role("button", name="No", exact=True)  # "get notified about Jupyter news?"
             if news.is_visible():
                 news.click()
+            step("waiting for the kernel")
+            wait_for_kernel(page)
             step("running all cells")
             run_all_cells(page)
             step("the panel is shown; pressing Run")

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from workbench.config import ExperimentConfig, knobs, parse_override
+from workbench.config import (PARTITION_SCHEMES, ExperimentConfig, PartitionConfig, knobs, parse_override,
+                              read_config_file, resolve_partition_scheme)
 
 
 def test_every_knob_has_description_and_range_and_a_valid_default():
@@ -100,7 +101,67 @@ def test_parse_override():
         parse_override("training.lr")
 
 
+def test_parse_override_names_the_flag_it_was_given_after():
+    with pytest.raises(ValueError) as info:
+        parse_override("training.lr")
+    assert str(info.value) == "--set expects KEY=VALUE, got 'training.lr' (for example --set training.lr=0.05)"
+    with pytest.raises(ValueError) as info:
+        parse_override("=0.1", "--grid", form="KEY=V1,V2", example="training.lr=0.01,0.1")
+    assert str(info.value) == "--grid expects KEY=V1,V2, got '=0.1' (for example --grid training.lr=0.01,0.1)"
+
+
+#: The article and type name every knob type's message must read with (written out, not derived).
+TYPE_WORDS = {int: "must be an int", float: "must be a float", bool: "must be a bool", str: "must be a str"}
+
+
+@pytest.mark.parametrize("knob", knobs(), ids=lambda k: k.key)
+def test_every_type_error_reads_right(knob):
+    """'must be a int' was the message; each knob, given a value of no use, names its type with the right
+    article, the field and the value, and shows how to write one."""
+    wrong = 3 if knob.type is str else "not-a-value"
+    with pytest.raises(TypeError) as info:
+        knob.check(wrong)
+    message = str(info.value)
+    assert message.startswith(f"{knob.key} {TYPE_WORDS[knob.type]} ")
+    assert repr(wrong) in message and f"write it like {knob.default!r}" in message
+    assert " a int" not in message and " a integer" not in message
+
+
+def test_other_type_messages_read_right(tmp_path):
+    with pytest.raises(TypeError) as info:
+        ExperimentConfig(data={"name": "digits"})
+    assert str(info.value).startswith("data must be a DataConfig, got a dict (")
+    number = tmp_path / "number.yaml"
+    number.write_text("3\n")
+    with pytest.raises(ValueError, match=r"must hold a mapping of keys to values, got an int$"):
+        read_config_file(number)
+
+
+@pytest.mark.parametrize("scheme", ["auto", *PARTITION_SCHEMES])
+def test_auto_partition_is_natural_with_real_clients_and_iid_without(scheme):
+    expected = {True: "natural", False: "iid"} if scheme == "auto" else {True: scheme, False: scheme}
+    for has_clients in (True, False):
+        assert resolve_partition_scheme(scheme, has_clients) == expected[has_clients]
+
+
+def test_resolving_a_chosen_scheme_changes_nothing():
+    config = ExperimentConfig().with_overrides({"partition.scheme": "dirichlet", "partition.alpha": 0.3})
+    for has_clients in (True, False):
+        assert config.with_resolved_partition(has_clients) is config
+        assert PartitionConfig(scheme="shards").resolved(has_clients) == PartitionConfig(scheme="shards")
+
+
 def test_config_is_immutable():
     config = ExperimentConfig()
     with pytest.raises(AttributeError):
         config.seed = 3
+
+
+def test_the_default_partition_works_for_every_dataset():
+    """`partition.scheme=natural` by default failed for data without real clients (digits, mnist1d, ...):
+    the default is `auto`, natural where the data has clients, else iid."""
+    config = ExperimentConfig()
+    assert config.partition.scheme == "auto" and "auto" in PARTITION_SCHEMES
+    assert config.with_resolved_partition(True).partition.scheme == "natural"
+    assert config.with_resolved_partition(False).partition.scheme == "iid"
+    assert config.with_resolved_partition(False).partition == PartitionConfig(scheme="iid")

@@ -1,9 +1,13 @@
+import gzip
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from workbench.config import DataConfig
-from workbench.data import DEBIAN_FASHION_MNIST, DatasetUnavailableError, load_dataset, make_synthetic
+from workbench.data import (DATA_DIR_ENV, DEBIAN_FASHION_MNIST, DatasetUnavailableError, data_root,
+                            default_data_dir, load_dataset, make_synthetic)
 
 
 def test_synthetic_follows_the_fedprox_recipe():
@@ -52,12 +56,54 @@ def test_mnist1d_generated_offline_without_touching_global_numpy_state():
     assert data.input_shape == (40,) and len(data.y_train) == 4000 and len(data.y_test) == 1000
 
 
-def test_fashion_mnist_from_debian_package(tmp_path):
+def test_fashion_mnist_from_debian_package_into_the_data_root_the_user_sets(tmp_path, monkeypatch):
     assert DEBIAN_FASHION_MNIST.is_dir(), "make test installs Debian's dataset-fashion-mnist package"
-    data = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path)), 10, np.random.default_rng(0))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "cache"))
+    root = tmp_path / "mine"
+    data = load_dataset(DataConfig(name="fashion_mnist", root=str(root)), 10, np.random.default_rng(0))
     assert data.x_train.shape == (60_000, 1, 28, 28) and data.x_test.shape == (10_000, 1, 28, 28)
     assert abs(float(data.x_train.mean())) < 0.05  # normalised
     assert torch.bincount(data.y_test).tolist() == [1000] * 10
+    # an explicit data.root wins over the cache
+    assert (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert not (tmp_path / "cache").exists() and data.source == f"torchvision:{root}"
+
+
+def test_unpacked_data_goes_to_the_cache_and_nothing_to_the_working_directory(tmp_path, monkeypatch):
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv(DATA_DIR_ENV, str(cache))
+    monkeypatch.chdir(work)
+    packed = {p.stem: p for p in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")}
+    assert len(packed) == 4, "make test installs Debian's dataset-fashion-mnist package"
+    data = load_dataset(DataConfig(name="fashion_mnist", root=""), 10, np.random.default_rng(0))
+    raw = cache / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(packed)  # no partial files left behind
+    assert all((raw / name).read_bytes() == gzip.decompress(source.read_bytes()) for name, source in packed.items())
+    assert list(work.iterdir()) == []
+    assert data.source == f"torchvision:{cache}" and data.x_test.shape == (10_000, 1, 28, 28)
+    # a cache that lost a file gets it back; the files it has are left as they are
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    kept = (raw / "train-images-idx3-ubyte").stat().st_mtime_ns
+    again = load_dataset(DataConfig(name="fashion_mnist", root=""), 10, np.random.default_rng(0))
+    restored = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    assert restored == gzip.decompress(packed["t10k-labels-idx1-ubyte"].read_bytes())
+    assert (raw / "train-images-idx3-ubyte").stat().st_mtime_ns == kept
+    assert torch.equal(again.y_test, data.y_test) and list(work.iterdir()) == []
+
+
+def test_the_cache_is_the_environment_variable_else_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    home_cache = tmp_path / ".cache" / "fl-workbench" / "data"
+    assert default_data_dir() == home_cache and data_root("") == home_cache
+    monkeypatch.setenv(DATA_DIR_ENV, "")  # set but empty: the default
+    assert default_data_dir() == home_cache
+    monkeypatch.setenv(DATA_DIR_ENV, "~/elsewhere")
+    assert default_data_dir() == tmp_path / "elsewhere" and data_root("") == tmp_path / "elsewhere"
+    # a data.root the user sets is that folder, `~` expanded, relative to the working directory
+    assert data_root("~/mine") == tmp_path / "mine" and data_root("data") == Path("data")
+    assert not home_cache.exists() and not (tmp_path / "elsewhere").exists()  # naming a folder creates nothing
 
 
 def test_offline_torchvision_fails_with_how_to_get_the_data(tmp_path):

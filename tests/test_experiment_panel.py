@@ -137,8 +137,8 @@ def test_a_bad_value_is_shown_at_its_control_and_blocks_run(tiny_config, trackin
 
 
 def test_an_error_found_only_when_building_the_experiment_is_shown_at_its_control(tiny_config, tracking_uri):
-    panel = ExperimentPanel(tiny_config.with_overrides({"data.name": "digits"}), tracking_uri=tracking_uri,
-                            experiment="prepare-error")
+    panel = ExperimentPanel(tiny_config.with_overrides({"data.name": "digits", "partition.scheme": "natural"}),
+                            tracking_uri=tracking_uri, experiment="prepare-error")
     assert panel.validate() is not None  # each value is fine on its own
     panel.run_button.click()
     panel.wait(60)

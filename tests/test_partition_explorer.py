@@ -1,11 +1,14 @@
 """The partition explorer, driven through its own widgets as a user would: every change re-partitions and
 redraws, infeasible settings show their error, and the picture is the partition a run trains on."""
 
+import re
+
 import numpy as np
 import pytest
 
 from workbench.config import ExperimentConfig
 from workbench.partition import partition_hash
+from workbench.plots import partition_title
 from workbench.simulation import prepare
 from workbench.ui import PartitionExplorer
 
@@ -85,3 +88,27 @@ def test_feature_skews_show_a_preview_and_rotation_refuses_vectors(explorer):
     explorer.controls["partition.scheme"].value = "feature_noise"
     assert explorer.error == "" and explorer.config.data.name == "synthetic"
     assert bytes(explorer.preview.value).startswith(PNG)
+
+
+def test_its_figures_say_which_partition_they_show(explorer):
+    assert explorer.overview_figure._suptitle.get_text() == "digits · dirichlet(alpha=0.1) · 20 clients · seed 0"
+    assert explorer.overview_figure._suptitle.get_text() == partition_title(explorer.config, num_clients=20)
+    assert explorer.preview_figure is None
+    explorer.controls["partition.alpha"].value = 100.0
+    explorer.controls["federation.num_clients"].value = 35
+    assert explorer.overview_figure._suptitle.get_text() == "digits · dirichlet(alpha=100) · 35 clients · seed 0"
+    explorer.controls["partition.scheme"].value = "rotation"
+    assert explorer.preview_figure._suptitle.get_text() == (
+        "training sample 0 as each client sees it\ndigits · rotation(max_rotation=90) · 35 clients · seed 0")
+    assert "rotation(max_rotation=90)" in explorer.overview_figure._suptitle.get_text()
+
+
+def test_counts_show_as_integers_with_thousands_separators(explorer):
+    num_samples = len(prepare(explorer.config).dataset.y_train)
+    assert num_samples >= 1000  # so that a separator must show
+    row = re.search(r"<code>num_samples</code></td><td[^>]*>([^<]*)</td>", explorer.table.value).group(1)
+    assert row == f"{num_samples:,}"
+    sizes = explorer.stats.sizes
+    cells = dict(re.findall(r"<code>(\w+)</code></td><td[^>]*>([^<]*)</td>", explorer.table.value))
+    assert cells["num_clients"] == "20" and cells["size_max"] == f"{int(sizes.max()):,}"
+    assert not any("e+" in value for value in cells.values())

@@ -312,7 +312,11 @@ def test_failed_run_ends_failed_and_resumes_to_the_uninterrupted_result(config, 
     assert main(["resume", tracker.run_id, "--tracking-uri", tracking_uri, "--quiet"]) == 0
     reference = prepare(config)
     expected = run(reference, [])
-    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    finished = client.get_run(tracker.run_id)
+    assert finished.info.status == "FINISHED"
+    # the crash is history, not the finished run's error
+    assert "error" not in finished.data.tags and "worker lost" in finished.data.tags["previous_error"]
+    assert finished.data.tags["resumed_from_round"] == "3"
     assert_one_point_per_round(client, tracker.run_id, 6, expected)
     assert_same_model(load_model(tracker.run_id, tracking_uri), reference.model)
 

@@ -120,7 +120,8 @@ def test_learning_happens(tiny_config):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"data.name": "digits"}, "partition.scheme='natural' needs a dataset with real clients"),
+    ({"data.name": "digits", "partition.scheme": "natural"}, "partition.scheme='natural' needs a dataset with real "
+     "clients"),
     ({"data.name": "mnist1d", "partition.scheme": "iid", "model.name": "cnn"}, "model.name='cnn' needs images"),
 ])
 def test_prepare_rejects_impossible_combinations(tiny_config, overrides, match):

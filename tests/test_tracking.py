@@ -160,8 +160,8 @@ def test_rounds_are_sent_together_but_logged_once_each(tiny_config, tracking_uri
 
     monkeypatch.setattr(tracker.client, "log_batch", recording_log_batch)
     run(tiny_config.with_overrides({"federation.rounds": rounds}), [tracker])
-    # (params first, without metrics), partition statistics, then all rounds at once
-    assert [steps for steps in sent_steps if steps] == [[0], list(range(1, rounds + 1))]
+    # params first (the partition's statistics among them), without metrics; then all rounds at once
+    assert [steps for steps in sent_steps if steps] == [list(range(1, rounds + 1))]
     client = MlflowClient(tracking_uri)
     for key in ("test_accuracy", "train_loss", "round_time_s"):
         assert sorted(m.step for m in client.get_metric_history(tracker.run_id, key)) == list(range(1, rounds + 1))

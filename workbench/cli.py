@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from workbench.config import ExperimentConfig, knobs, parse_override, read_config_file
 from workbench import plots
-from workbench.data import DatasetUnavailableError
+from workbench.data import Dataset, DatasetUnavailableError
 from workbench.partition import STAT_DESCRIPTIONS, describe, partition_hash
 from workbench.simulation import (Callback, Federation, History, RoundResult, load_data, partition_dataset,
                                   prepare, run)
 from workbench.tracking import (MlflowCallback, TrackingUnavailable, check_tracking_uri, compare,
-                                default_tracking_uri, format_comparison, resume, sweep, sweep_configs,
-                                ui_command)
+                                default_tracking_uri, experiment_url, format_comparison, resume, sweep,
+                                sweep_configs, ui_command)
 
 #: The main job: the FedProx paper's hardest synthetic setting, Synthetic(1, 1) with its 30 natural
 #: clients and half of each round's clients straggling, small enough to finish in minutes on 2 cores.
@@ -175,11 +175,20 @@ def run_experiment(config: ExperimentConfig, tracking_uri: str | None, experimen
         tracker = MlflowCallback(tracking_uri, experiment=experiment)  # checks $WORKBENCH_FLUSH_EVERY_S
     except (ValueError, TypeError, DatasetUnavailableError, TrackingUnavailable) as err:
         raise UsageError(str(err)) from err
+    if config.partition.scheme == "auto":
+        print(f"{label + ': ' if label else ''}{describe_auto_partition(config, federation.dataset)}")
     callbacks = [tracker] if quiet else [tracker, ProgressBar(label)]
     history = tracked(lambda: tracker.run_id, lambda stop: run(federation, callbacks, stop=stop))
     if history.stop_reason is not None:
         print(f"{label or 'run'} ended after round {len(history.rounds)}: {history.stop_reason}", file=sys.stderr)
     return tracker.run_id, history.final()
+
+
+def describe_auto_partition(config: ExperimentConfig, dataset: Dataset) -> str:
+    """What `partition.scheme=auto` picked for `dataset`, and why, in one line."""
+    scheme = config.with_resolved_partition(dataset.has_natural_clients).partition.scheme
+    has = "has natural clients" if dataset.has_natural_clients else "has no natural clients"
+    return f"partition.scheme=auto: {scheme} ({dataset.name} {has}; set partition.scheme to choose another)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    run_id, final = run_experiment(config, args.tracking_uri, args.experiment or "workbench", args.quiet)
-    print(f"MLflow run id: {run_id}")
+    experiment = args.experiment or "workbench"
+    run_id, final = run_experiment(config, args.tracking_uri, experiment, args.quiet)
+    print(f"MLflow run id: {run_id} in experiment {experiment!r}")
     for key in DEMO_METRICS:
         if key in final:
             print(f"  {key:28s} {format_metric(key, final[key])}")
@@ -228,7 +238,8 @@ def command_demo(args: argparse.Namespace) -> int:
           if base.data.name.startswith("synthetic") else
           f"{base.data.name}, {base.partition.scheme} partition, {base.federation.rounds} rounds, seed {base.seed}")
     print(format_table(results, base.strategy.mu))
-    print(f"\nBoth runs are in MLflow experiment {experiment!r}. Open the UI with:\n  {ui_command(tracking_uri)}")
+    print(f"\nBoth runs are in MLflow experiment {experiment!r}. Open the UI with:\n  {ui_command(tracking_uri)}\n"
+          f"then the runs, with their key metrics as columns: {experiment_url(experiment, tracking_uri)}")
     return 0
 
 
@@ -236,6 +247,9 @@ def command_partition(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     try:
         dataset = load_data(config)
+        if config.partition.scheme == "auto":
+            print(describe_auto_partition(config, dataset))
+            config = config.with_resolved_partition(dataset.has_natural_clients)
         dataset, clients = partition_dataset(config, dataset)
     except (ValueError, TypeError, DatasetUnavailableError) as err:
         raise UsageError(str(err)) from err
@@ -246,10 +260,11 @@ def command_partition(args: argparse.Namespace) -> int:
     print(format_stats(stats.summary()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"overview.png": plots.partition_overview(stats.counts, title=config.partition.scheme),
-               "heatmap.png": plots.partition_heatmap(stats.counts),
-               "label_bars.png": plots.client_label_bars(stats.counts),
-               "sizes.png": plots.client_size_histogram(stats.sizes)}
+    title = plots.partition_title(config, dataset=dataset.name, num_clients=len(clients))
+    figures = {"overview.png": plots.partition_overview(stats.counts, title=title),
+               "heatmap.png": plots.partition_heatmap(stats.counts, title=f"client x class samples\n{title}"),
+               "label_bars.png": plots.client_label_bars(stats.counts, title=f"labels per client\n{title}"),
+               "sizes.png": plots.client_size_histogram(stats.sizes, title=f"client sizes\n{title}")}
     for name, figure in figures.items():
         figure.savefig(out / name, dpi=100)
     (out / "summary.json").write_text(json.dumps({"partition_hash": digest, **stats.summary()}, indent=2))
@@ -264,7 +279,7 @@ def format_stats(summary: dict[str, float]) -> str:
     """The partition statistics as an aligned table: name, value, meaning."""
     rows = [f"{'statistic':26s}{'value':>12s}  meaning"]
     for key, value in summary.items():
-        shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.4f}"
+        shown = plots.format_number(value)
         rows.append(f"{key:26s}{shown:>12s}  {STAT_DESCRIPTIONS.get(key, '')}")
     return "\n".join(rows)
 
@@ -296,7 +311,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     """`KEY=v1,v2` arguments as {key: [v1, v2]} (values are validated with the config)."""
     grid = {}
     for text in items:
-        key, values = parse_override(text)
+        key, values = parse_override(text, "--grid", form="KEY=V1,V2", example="training.lr=0.01,0.1")
         if key in grid:
             raise ValueError(f"--grid {key} given twice (list all its values once: --grid {key}=v1,v2)")
         grid[key] = [v.strip() for v in values.split(",") if v.strip()]
@@ -323,7 +338,8 @@ def command_sweep(args: argparse.Namespace) -> int:
         check_tracking_uri(tracking_uri)
     except (ValueError, TypeError, TrackingUnavailable) as err:
         raise UsageError(str(err)) from err
-    print(f"sweep: {len(points)} runs ({len(points) // len(seeds)} grid points x {len(seeds)} seeds) "
+    num_points = len(points) // len(seeds)
+    print(f"sweep: {plural(len(points), 'run')} ({plural(num_points, 'grid point')} x {plural(len(seeds), 'seed')}) "
           f"in MLflow experiment {experiment!r}")
     progress = None if args.quiet else (lambda label: [ProgressBar(label)])
     outcome: dict = {}
@@ -338,13 +354,18 @@ def command_sweep(args: argparse.Namespace) -> int:
     tracked(lambda: outcome["sweep"].child_run_ids[-1] if "sweep" in outcome else None, call)
     result = outcome["sweep"]
     comparison = compare(experiment, tracking_uri, sweep_id=result.parent_run_id)
-    print(f"\nparent run id: {result.parent_run_id} ({len(result.child_run_ids)} child runs)")
+    print(f"\nparent run id: {result.parent_run_id} ({plural(len(result.child_run_ids), 'child run')})")
     print(format_comparison(comparison))
     output = Path(args.output or f"sweep-{result.parent_run_id[:8]}.png")
     comparison.figure.savefig(output, dpi=100)
     print(f"\nfigure: {output}\nOpen the runs in the MLflow UI (children are nested under the parent run):\n"
-          f"  {ui_command(tracking_uri)}")
+          f"  {ui_command(tracking_uri)}\nthen: {experiment_url(experiment, tracking_uri)}")
     return 0
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 seed`, `3 seeds`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def command_compare(args: argparse.Namespace) -> int:
@@ -378,26 +399,35 @@ STRATEGY_TITLES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM
 
 
 def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) -> str:
+    """The final metrics side by side, then each run's full MLflow run id (what `workbench resume`,
+    `load_model` and the UI's search take: a shortened id matches nothing)."""
     headers = {**STRATEGY_TITLES, "fedprox": f"FedProx (mu={mu:g})"}
     rows = [f"{'final metric':30s}" + "".join(f"{headers.get(n, n):>20s}" for n in results)]
     for key in DEMO_METRICS:
         cells = [f"{format_metric(key, final[key]) if key in final else '-':>20s}" for _, final in results.values()]
         rows.append(f"{key:30s}" + "".join(cells))
-    rows.append(f"{'MLflow run id':30s}" + "".join(f"{run_id[:12] + '…':>20s}" for run_id, _ in results.values()))
+    rows.append("\nMLflow run ids:")
+    rows += [f"  {headers.get(n, n):28s}{run_id}" for n, (run_id, _) in results.items()]
     return "\n".join(rows)
 
 
 class ProgressBar(Callback):
-    """A tqdm progress bar over rounds, showing the latest test accuracy."""
+    """A tqdm progress bar over rounds, showing the latest test accuracy; its count is the run's round
+    number, so a resumed run's bar goes on from the round it resumed at and ends at R/R."""
 
     def __init__(self, label: str = ""):
         self.label = label
         self.bar = None
 
     def on_run_start(self, federation: Federation) -> None:
-        self.bar = tqdm(total=federation.config.federation.rounds, desc=self.label or "rounds", unit="round")
+        done = federation.start_round - 1  # where a resumed run starts (set by `run`)
+        self.bar = tqdm(total=federation.config.federation.rounds, initial=done, desc=self.label or "rounds",
+                        unit="round")
 
     def on_round_end(self, result: RoundResult, federation: Federation) -> None:
+        if self.bar.n != result.round - 1:
+            # jump without counting the skipped rounds as progress (tqdm's rate and miniters stay right)
+            self.bar.n = self.bar.last_print_n = self.bar.initial = result.round - 1
         if "test_accuracy" in result.metrics:
             self.bar.set_postfix(acc=f"{result.metrics['test_accuracy']:.3f}")
         self.bar.update(1)

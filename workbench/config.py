@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from workbench import registry
+
 DATASETS = ("synthetic", "synthetic_iid", "digits", "mnist1d", "fashion_mnist", "mnist", "cifar10")
 MODELS = ("logreg", "mlp", "cnn")
-PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "classes_per_client", "quantity", "feature_noise",
+PARTITION_SCHEMES = ("auto", "iid", "dirichlet", "shards", "classes_per_client", "quantity", "feature_noise",
                      "rotation", "natural", "mixture")
+#: What `partition.scheme=auto` becomes: the dataset's own clients where it has them, else an IID split.
+AUTO_SCHEME_WITH_CLIENTS, AUTO_SCHEME_WITHOUT_CLIENTS = "natural", "iid"
 #: Schemes that may form the skewed part of `mixture`.
 MIXTURE_SKEWS = ("dirichlet", "shards", "classes_per_client", "quantity")
 QUANTITY_DISTRIBUTIONS = ("dirichlet", "lognormal")
@@ -37,11 +41,13 @@ def knob(
     max_exclusive: bool = False,
     hint: str = "",
     used_by: Sequence[str] = (),
+    registry: str = "",
 ) -> Any:
     """A config field that carries its range and description beside its default; `used_by` names the
-    strategies whose behaviour it changes (empty: every run's)."""
+    strategies whose behaviour it changes (empty: every run's); `registry` ("model" or "dataset") makes
+    the names users register (`workbench.register_model`, ...) and `module:Name` paths valid choices too."""
     metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-                "max_exclusive": max_exclusive, "hint": hint, "used_by": tuple(used_by)}
+                "max_exclusive": max_exclusive, "hint": hint, "used_by": tuple(used_by), "registry": registry}
     return field(default=default, metadata=metadata)
 
 
@@ -61,10 +67,13 @@ class Knob:
     max_exclusive: bool = False
     #: the strategies whose behaviour this knob changes (empty: every run's)
     used_by: tuple[str, ...] = ()
+    #: "model" / "dataset": registered names and `module:Name` paths are accepted beside `choices`
+    registry: str = ""
 
     def describe_range(self) -> str:
         if self.choices is not None:
-            return "{" + ", ".join(str(c) for c in self.choices) + "}"
+            names = "{" + ", ".join(str(c) for c in self.choices) + "}"
+            return f"{names} or module:Name" if self.registry else names
         low = "" if self.min is None else (f"> {self.min}" if self.min_exclusive else f">= {self.min}")
         high = "" if self.max is None else (f"< {self.max}" if self.max_exclusive else f"<= {self.max}")
         return " and ".join(part for part in (low, high) if part) or "any"
@@ -72,6 +81,14 @@ class Knob:
     def check(self, value: Any) -> Any:
         """Coerce `value` to this knob's type and check its range; raise naming the field."""
         value = _coerce(self, value)
+        if self.registry and value not in self.choices and ":" in value:
+            _REGISTRIES[self.registry].resolve(value)  # importable, or a ValueError that names the key
+            return value
+        if self.registry and value not in self.choices and not difflib.get_close_matches(
+                str(value), [str(c) for c in self.choices], n=1):
+            raise ValueError(f"{self.key} must be one of {self.describe_range()}, got {value!r}: no {self.registry} "
+                             f"of that name is registered (register yours first with workbench.register_"
+                             f"{self.registry}({value!r}, ...), or give a module path 'package.module:Name')")
         if self.choices is not None and value not in self.choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
             fix = f"did you mean {close[0]!r}?" if close else f"choose one of {self.describe_range()}"
@@ -82,6 +99,18 @@ class Knob:
             hint = f" ({self.hint})" if self.hint else ""
             raise ValueError(f"{self.key} must be {self.describe_range()}, got {value!r}{hint}")
         return value
+
+
+def with_article(word: str) -> str:
+    """`word` after its indefinite article, for messages: "an int", "a float", "an OrderedDict"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def type_phrase(expected: type) -> str:
+    """How a message names the type a knob expects: "an int (a whole number)", "a float (a number)", ..."""
+    spelled = {int: "an int (a whole number)", float: "a float (a number)", bool: "a bool (true or false)",
+               str: "a str (text)"}
+    return spelled.get(expected, with_article(expected.__name__))
 
 
 def _coerce(knob_: Knob, value: Any) -> Any:
@@ -99,7 +128,7 @@ def _coerce(knob_: Knob, value: Any) -> Any:
             return float(text)
         except ValueError:
             raise TypeError(
-                f"{knob_.key} must be a {expected.__name__}, got {value!r} "
+                f"{knob_.key} must be {type_phrase(expected)}, got {value!r} "
                 f"(write it like {knob_.default!r})"
             ) from None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -108,7 +137,7 @@ def _coerce(knob_: Knob, value: Any) -> Any:
         return ""
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise TypeError(
-            f"{knob_.key} must be a {expected.__name__}, got {value!r} of type "
+            f"{knob_.key} must be {type_phrase(expected)}, got {value!r} of type "
             f"{type(value).__name__} (write it like {knob_.default!r})"
         )
     return value
@@ -128,9 +157,11 @@ class _Section:
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _prefix = "data"
-    name: str = knob("synthetic", "dataset: generated (synthetic, synthetic_iid, mnist1d), bundled (digits) "
-                     "or torchvision (fashion_mnist, mnist, cifar10)", choices=DATASETS)
-    root: str = knob("data", "folder for torchvision datasets (downloaded there when online)")
+    name: str = knob("synthetic", "dataset: generated (synthetic, synthetic_iid, mnist1d), bundled (digits), "
+                     "torchvision (fashion_mnist, mnist, cifar10), or your own (workbench.register_dataset)",
+                     choices=DATASETS, registry="dataset")
+    root: str = knob("", "folder for torchvision datasets and your loaders' files; empty = the data cache "
+                     "($WORKBENCH_DATA_DIR, else ~/.cache/fl-workbench/data)")
     alpha: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' models differ (Li et al. 2020)",
                         min=0.0, hint="0 = same model for all clients; the FedProx paper uses 0, 0.5, 1")
     beta: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' inputs differ (Li et al. 2020)",
@@ -140,14 +171,17 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     _prefix = "model"
-    name: str = knob("logreg", "model: multinomial logistic regression, 2NN MLP (200-200) or the CNN "
-                     "of McMahan et al. 2017", choices=MODELS)
+    name: str = knob("logreg", "model: multinomial logistic regression, 2NN MLP (200-200), the CNN of McMahan "
+                     "et al. 2017, or your own (workbench.register_model, or a module path package.module:Name)",
+                     choices=MODELS, registry="model")
 
 
 @dataclass(frozen=True)
 class PartitionConfig(_Section):
     _prefix = "partition"
-    scheme: str = knob("natural", "how training samples are split among clients", choices=PARTITION_SCHEMES)
+    scheme: str = knob("auto", "how training samples are split among clients; auto = natural where the dataset "
+                       "has real clients (synthetic, synthetic_iid, your own data with client splits), else iid",
+                       choices=PARTITION_SCHEMES)
     alpha: float = knob(0.5, "dirichlet label skew: smaller = more skew", min=0.0, min_exclusive=True,
                         hint="smaller alpha = more label skew; try 0.1-1.0")
     shards_per_client: int = knob(2, "shards: label-sorted shards per client (McMahan et al. 2017)", min=1,
@@ -171,6 +205,20 @@ class PartitionConfig(_Section):
                                "skewed ones", min=0.0, max=1.0, hint="0 = all skewed, 1 = all IID")
     mixture_skew: str = knob("dirichlet", "mixture: how the non-IID clients are partitioned",
                              choices=MIXTURE_SKEWS)
+
+    def resolved(self, has_natural_clients: bool) -> "PartitionConfig":
+        """This section with `scheme=auto` replaced by what it means for a dataset that has (or lacks)
+        natural clients; any other scheme is returned unchanged (`resolve_partition_scheme`)."""
+        scheme = resolve_partition_scheme(self.scheme, has_natural_clients)
+        return self if scheme == self.scheme else dataclasses.replace(self, scheme=scheme)
+
+
+def resolve_partition_scheme(scheme: str, has_natural_clients: bool) -> str:
+    """The scheme a run uses: `auto` is `natural` for a dataset with real clients and `iid` for one
+    without; every other scheme is used as given (a `natural` that the data cannot honour fails there)."""
+    if scheme != "auto":
+        return scheme
+    return AUTO_SCHEME_WITH_CLIENTS if has_natural_clients else AUTO_SCHEME_WITHOUT_CLIENTS
 
 
 @dataclass(frozen=True)
@@ -318,7 +366,10 @@ class ExperimentConfig:
             if f.name not in _SECTIONS:
                 object.__setattr__(self, f.name, _knob_of("", f, type(self)).check(getattr(self, f.name)))
             elif not isinstance(getattr(self, f.name), _SECTIONS[f.name]):
-                raise TypeError(f"{f.name} must be a {_SECTIONS[f.name].__name__}")
+                section = _SECTIONS[f.name].__name__
+                raise TypeError(f"{f.name} must be {with_article(section)}, got "
+                                f"{with_article(type(getattr(self, f.name)).__name__)} (build it with {section}(...), "
+                                "or give nested dicts to ExperimentConfig.from_dict)")
         fed, train = self.federation, self.training
         if fed.clients_per_round > fed.num_clients:
             raise ValueError(
@@ -331,6 +382,12 @@ class ExperimentConfig:
                 f"got {train.local_epochs} (stragglers do a random 1..E-1 epochs; "
                 "raise local_epochs or set straggler_fraction=0)"
             )
+
+    def with_resolved_partition(self, has_natural_clients: bool) -> "ExperimentConfig":
+        """This config with `partition.scheme=auto` replaced by the scheme it means for a dataset that has
+        (or lacks) natural clients (`resolve_partition_scheme`); the same config for any other scheme."""
+        partition = self.partition.resolved(has_natural_clients)
+        return self if partition is self.partition else dataclasses.replace(self, partition=partition)
 
     # ----- flat-dict round trip (MLflow params, CLI overrides) -----
 
@@ -389,7 +446,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         values = {}
     if not isinstance(values, Mapping):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values, "
-                         f"got a {type(values).__name__}")
+                         f"got {with_article(type(values).__name__)}")
     return _flatten(values)
 
 
@@ -400,23 +457,29 @@ _SECTIONS: dict[str, type] = {
 }
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_REGISTRIES = {"model": registry.MODELS, "dataset": registry.DATASETS}
 
 
 def _knob_of(prefix: str, f: dataclasses.Field, owner: type) -> Knob:
     annotation = f.type if isinstance(f.type, str) else f.type.__name__
     meta = f.metadata
+    choices = meta["choices"]
+    if meta["registry"]:  # the built-ins, then what users registered in this session
+        registered = _REGISTRIES[meta["registry"]].names()
+        choices = tuple(choices) + tuple(n for n in registered if n not in choices)
     return Knob(
         key=f"{prefix}.{f.name}" if prefix else f.name,
         type=_TYPES[annotation],
         default=f.default,
         help=meta["help"],
-        choices=meta["choices"],
+        choices=choices,
         min=meta["min"],
         max=meta["max"],
         min_exclusive=meta["min_exclusive"],
         hint=meta["hint"],
         max_exclusive=meta["max_exclusive"],
         used_by=meta["used_by"],
+        registry=meta["registry"],
     )
 
 
@@ -432,11 +495,13 @@ def knobs() -> list[Knob]:
     return result
 
 
-def parse_override(text: str) -> tuple[str, str]:
-    """Split a `--set key=value` argument."""
+def parse_override(text: str, flag: str = "--set", *, form: str = "KEY=VALUE",
+                   example: str = "training.lr=0.05") -> tuple[str, str]:
+    """Split a `KEY=VALUE` argument; the error names `flag`, the option the user typed it after
+    (`--grid` passes its own form and example: `KEY=V1,V2`, `training.lr=0.01,0.1`)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"--set expects KEY=VALUE, got {text!r} (for example --set training.lr=0.05)")
+        raise ValueError(f"{flag} expects {form}, got {text!r} (for example {flag} {example})")
     return key.strip(), value.strip()
 
 

@@ -18,7 +18,7 @@ FEATURE_SKEWS = ("feature_noise", "rotation")
 
 #: The `partition.*` knobs each scheme reads, besides `min_size` (which every scheme honours or checks).
 SCHEME_KNOBS = {
-    "iid": (), "natural": (), "dirichlet": ("alpha",), "shards": ("shards_per_client",),
+    "auto": (), "iid": (), "natural": (), "dirichlet": ("alpha",), "shards": ("shards_per_client",),
     "classes_per_client": ("classes_per_client",),
     "quantity": ("quantity_distribution", "quantity_alpha", "quantity_sigma"),
     "feature_noise": ("noise_sigma",), "rotation": ("max_rotation",),
@@ -49,6 +49,7 @@ def partition(
     only on the inputs and the state of `rng`. Infeasible settings raise `ValueError` naming the field.
     """
     labels = np.asarray(labels)
+    config = config.resolved(has_natural_clients=natural is not None)  # auto: natural where there are clients
     if config.scheme == "natural":
         if natural is None:
             raise ValueError(

@@ -1,20 +1,32 @@
-"""Matplotlib figures as pure functions that return a `Figure`."""
+"""Matplotlib figures as pure functions that return a `Figure`, with the titles (`partition_title`) and
+number formats (`format_number`) that figures and tables share."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import Formatter, MaxNLocator
+
+from workbench.config import ExperimentConfig, PartitionConfig
+# The scheme -> knobs map lives once, beside the partitioners that read the knobs.
+from workbench.partition import SCHEME_KNOBS, knobs_in_use
 
 
 def learning_curves(
     curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
     metrics: Sequence[str] = ("test_accuracy", "test_loss"),
+    *,
+    title: str = "",
 ) -> Figure:
-    """One panel per metric, one line per run: `curves[run_label][metric] = [(round, value), ...]`."""
+    """One panel per metric, one line per run: `curves[run_label][metric] = [(round, value), ...]`;
+    `title` says what the runs are (dataset, partition, clients: `partition_title` builds that part)."""
     figure = Figure(figsize=(5 * len(metrics), 3.6), layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
@@ -24,9 +36,12 @@ def learning_curves(
                 rounds, values = zip(*points)
                 ax.plot(rounds, values, label=label)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend()
+    if title:
+        _suptitle(figure, title)
     return figure
 
 
@@ -69,20 +84,23 @@ def live_view(
     spread_ax.set_ylim(0, 1)
     for ax in (acc_ax, loss_ax, spread_ax):
         ax.set_xlim(0.5, max(total_rounds, 2) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     if title:
-        figure.suptitle(title, fontsize="medium")
+        _suptitle(figure, title, fontsize="medium")
     return figure
 
 
 def study_grid(
     curves: Mapping[tuple[str, str], Mapping[str, Sequence[tuple[int, float]]]],
     metric: str = "test_accuracy",
+    *,
+    title: str = "",
 ) -> Figure:
     """A grid of panels like Figure 1 of Li et al. (MLSys 2020): `curves[(row, column)][line] = [(round,
     value), ...]`, rows and columns in first-seen order (e.g. dataset x straggler fraction, one line
-    per algorithm)."""
+    per algorithm); `title` says what every panel shares (model, clients, rounds)."""
     rows = list(dict.fromkeys(r for r, _ in curves))
     columns = list(dict.fromkeys(c for _, c in curves))
     figure = Figure(figsize=(3.6 * len(columns), 2.6 * len(rows)), layout="constrained")
@@ -97,12 +115,35 @@ def study_grid(
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for row_axes in axes:
         row_axes[0].set_ylabel(metric.replace("_", " "))
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    if title:
+        _suptitle(figure, title)
     return figure
+
+
+def _suptitle(figure: Figure, title: str, fontsize: str = "large") -> None:
+    """`title` above the figure's panels, wrapped to the figure's width (after a ` · `, else at a space),
+    so that a long title over one narrow panel is not cut off."""
+    # An estimate for DejaVu Sans: 0.1 in per character at `large` (12 pt), 0.085 at `medium`.
+    per_line = max(int(figure.get_figwidth() / (0.1 if fontsize == "large" else 0.085)), 20)
+    figure.suptitle("\n".join(_wrap(line, per_line) for line in title.splitlines()), fontsize=fontsize)
+
+
+def _wrap(line: str, width: int) -> str:
+    rows: list[str] = []
+    for part in line.split(" · "):
+        if rows and len(rows[-1]) + 3 + len(part) <= width:
+            rows[-1] += " · " + part
+        else:
+            if rows:
+                rows[-1] += " ·"
+            rows.extend(textwrap.wrap(part, width, break_long_words=False, break_on_hyphens=False) or [""])
+    return "\n".join(rows)
 
 
 def to_png(figure: Figure, dpi: int = 80) -> bytes:
@@ -116,16 +157,20 @@ def to_png(figure: Figure, dpi: int = 80) -> bytes:
 
 def comparison_figure(
     curves: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[float]]],
-    finals: Mapping[str, tuple[float, float]],
+    finals: Mapping[str, tuple[float, float] | tuple[float, float, int]],
     metric: str = "test_accuracy",
     target: float | None = None,
+    *,
+    title: str = "",
 ) -> Figure:
-    """Learning curves of groups of runs, mean ± std over seeds, and each group's final value.
+    """Learning curves of groups of runs, mean ± std over seeds, and each group's final value as a dot with
+    its ± std bar.
 
-    `curves[group] = (rounds, mean, std)`; `finals[group] = (mean, std)` of the last round's value.
+    `curves[group] = (rounds, mean, std)`; `finals[group] = (mean, std)` or `(mean, std, num_runs)` of the
+    last round's value. A group of one run has no spread to show: no bar, and its label says n = 1 (a NaN
+    std draws no bar either). The final values' axis spans their range with a margin, not 0..max, so
+    that 0.51 and 0.56 look as different as they are; its label says so when it does not start at 0.
     """
-    from matplotlib.ticker import MaxNLocator
-
     figure = Figure(figsize=(11, 3.8), layout="constrained")
     curve_ax, final_ax = figure.subplots(1, 2, width_ratios=(2, 1))
     for index, (label, (rounds, mean, std)) in enumerate(curves.items()):
@@ -136,20 +181,55 @@ def comparison_figure(
         curve_ax.fill_between(rounds, low, high, color=color, alpha=0.2, linewidth=0)
     if target is not None:
         curve_ax.axhline(target, color="0.4", linestyle="--", linewidth=1, label=f"target {target:.3g}")
+    name = metric.replace("_", " ")
     curve_ax.set_xlabel("round")
     curve_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curve_ax.set_ylabel(metric.replace("_", " "))
-    curve_ax.set_title(f"{metric.replace('_', ' ')} per round (mean ± std over seeds)")
+    curve_ax.set_ylabel(name)
+    curve_ax.set_title(f"{name} per round (mean ± std over seeds)")
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize="small")
-    labels = list(finals)
-    final_ax.barh(range(len(labels)), [finals[k][0] for k in labels], xerr=[finals[k][1] for k in labels],
-                  color=[f"C{i % 10}" for i in range(len(labels))], capsize=3)
-    final_ax.set_yticks(range(len(labels)), labels, fontsize="small")
-    final_ax.invert_yaxis()
-    final_ax.set_xlabel(f"final {metric.replace('_', ' ')}")
+    stats = {label: _final_stat(value) for label, value in finals.items()}
+    for index, (mean, spread, _) in enumerate(stats.values()):
+        final_ax.errorbar([mean], [index], xerr=None if spread is None else [[spread], [spread]], fmt="o",
+                          color=f"C{index % 10}", markersize=7, capsize=4, elinewidth=1.5)
+    final_ax.set_yticks(range(len(stats)), [f"{label}\n{_final_text(*finals[label])}" for label in stats],
+                        fontsize="small")
+    final_ax.set_ylim(len(stats) - 0.5, -0.5)  # first group on top, as in the legend
+    low, high = _value_range([(m - (s or 0.0), m + (s or 0.0)) for m, s, _ in stats.values()])
+    final_ax.set_xlim(low, high)
+    starts_at_zero = low <= 0.0 <= high
+    final_ax.set_xlabel(f"final {name}" + ("" if starts_at_zero else "\n(axis does not start at 0)"))
+    final_ax.set_title("final value (mean ± std)", fontsize="medium")
     final_ax.grid(alpha=0.3, axis="x")
+    if title:
+        _suptitle(figure, title)
     return figure
+
+
+def _final_stat(value: Sequence[float]) -> tuple[float, float | None, int | None]:
+    """(mean, the bar's half width or None for no bar, number of runs or None when not given)."""
+    mean, std = float(value[0]), float(value[1])
+    count = int(value[2]) if len(value) > 2 else None
+    has_spread = math.isfinite(std) and (count is None or count > 1)
+    return mean, std if has_spread else None, count
+
+
+def _final_text(mean: float, std: float, count: int | None = None) -> str:
+    if count == 1:
+        return f"{mean:.4g} (n = 1)"
+    spread = f" ± {std:.2g}" if math.isfinite(std) else ""
+    return f"{mean:.4g}{spread}" + ("" if count is None else f" (n = {count})")
+
+
+def _value_range(intervals: Sequence[tuple[float, float]], margin: float = 0.15) -> tuple[float, float]:
+    """The span of `intervals`, widened by `margin` of it on each side (or by a tenth of the value, when
+    every interval is one and the same point)."""
+    finite = [v for pair in intervals for v in pair if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    low, high = min(finite), max(finite)
+    pad = margin * (high - low) if high > low else (abs(high) / 10 or 1.0)
+    return low - pad, high + pad
 
 
 def tradeoff_figure(x: Sequence[float], y: Sequence[float], y_error: Sequence[float], labels: Sequence[str], *,
@@ -171,8 +251,51 @@ def tradeoff_figure(x: Sequence[float], y: Sequence[float], y_error: Sequence[fl
 # ----- partitions: client x class counts, as `workbench.partition.count_matrix` returns them -----
 
 
+def partition_title(config: ExperimentConfig, *, dataset: str | None = None, num_clients: int | None = None) -> str:
+    """What a partition's picture shows, in one line: the dataset (Synthetic with its alpha and beta), the
+    scheme with the knobs it reads, the number of clients and the seed, e.g.
+    `digits · dirichlet(alpha=0.1) · 20 clients · seed 0`.
+
+    `dataset` and `num_clients` replace the config's where the caller knows better (a loaded dataset's
+    name; the clients a natural partition really has).
+    """
+    name = dataset or config.data.name
+    if name == "synthetic":
+        name = f"synthetic(alpha={config.data.alpha:g}, beta={config.data.beta:g})"
+    part = config.partition
+    used = {key.removeprefix("partition.") for key in knobs_in_use(part)}
+    # The scheme's own knobs first (a mixture's skew next), then any other in the config's order.
+    order = [*SCHEME_KNOBS[part.scheme], *(f.name for f in dataclasses.fields(PartitionConfig))]
+    knobs = sorted(used - {"scheme"}, key=order.index)
+    if part.min_size == PartitionConfig.min_size:  # every scheme honours it: only a limit the user set says something
+        knobs.remove("min_size")
+    shown = [f"{knob}={_knob_text(getattr(part, knob))}" for knob in knobs]
+    scheme = f"{part.scheme}({', '.join(shown)})" if shown else part.scheme
+    clients = config.federation.num_clients if num_clients is None else num_clients
+    return f"{name} · {scheme} · {clients:,} client{'s' if clients != 1 else ''} · seed {config.seed}"
+
+
+def _knob_text(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_number(value: float) -> str:
+    """A statistic as a table shows it: whole numbers (counts) as integers with thousands separators
+    (`60,000`, never `6e+04`), large fractional ones with one decimal (`8,571.4`), the rest with four
+    significant digits (`0.4123`)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer():
+        return f"{int(value):,}"
+    if abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.4g}"
+
+
 def partition_heatmap(counts: np.ndarray, *, title: str = "client x class samples") -> Figure:
-    """A heatmap of a partition's client x class sample counts (clients across, classes down)."""
+    """A heatmap of a partition's client x class sample counts (clients across, classes down); say which
+    partition in `title`, e.g. `f"client x class samples\\n{partition_title(config)}"`."""
     figure = Figure(figsize=(7, 3.2), layout="constrained")
     _draw_heatmap(figure, figure.subplots(), counts, title)
     return figure
@@ -180,26 +303,28 @@ def partition_heatmap(counts: np.ndarray, *, title: str = "client x class sample
 
 def client_label_bars(counts: np.ndarray, *, max_clients: int = 100, normalize: bool = False,
                       title: str = "labels per client") -> Figure:
-    """Stacked bars, one per client (the first `max_clients`), one colour per class."""
+    """Stacked bars, one per client (the first `max_clients`), one colour per class; `title` as for
+    `partition_heatmap`."""
     figure = Figure(figsize=(7, 3.2), layout="constrained")
     _draw_bars(figure.subplots(), counts, max_clients, normalize, title)
     return figure
 
 
 def client_size_histogram(sizes: np.ndarray, *, bins: int = 30, title: str = "client sizes") -> Figure:
-    """A histogram of the number of samples per client."""
+    """A histogram of the number of samples per client; `title` as for `partition_heatmap`."""
     figure = Figure(figsize=(4.5, 3.2), layout="constrained")
     _draw_sizes(figure.subplots(), sizes, bins, title)
     return figure
 
 
 def partition_overview(counts: np.ndarray, *, max_clients: int = 100, title: str = "") -> Figure:
-    """Heatmap, stacked label bars and size histogram of one partition, side by side."""
+    """Heatmap, stacked label bars and size histogram of one partition, side by side; `title` says which
+    partition it is (`partition_title(config)`)."""
     counts = np.asarray(counts)
     # Fixed margins instead of a layout engine: half the drawing time, which the explorer redraws live.
-    figure = Figure(figsize=(14, 3.4))
+    figure = Figure(figsize=(14, 3.6))
     heat, _, _ = figure.subplots(1, 3, width_ratios=[5, 5, 3])
-    figure.subplots_adjust(left=0.04, right=0.99, bottom=0.15, top=0.82, wspace=0.4)
+    figure.subplots_adjust(left=0.045, right=0.98, bottom=0.17, top=0.83, wspace=0.42)
     _draw_heatmap(figure, heat, counts, "client x class samples")
     # The heatmap's class labels, in each class's bar colour, are the legend (a legend box costs a
     # fifth of the drawing time).
@@ -209,13 +334,11 @@ def partition_overview(counts: np.ndarray, *, max_clients: int = 100, title: str
         for tick, color in zip(heat.get_yticklabels(), colors):
             tick.set_color(color)
             tick.set_fontweight("bold")
-    # Fixed title and axis-label positions: matplotlib otherwise measures every tick label to place
-    # them, on every redraw.
-    for ax, left in zip(figure.axes[:3], (-0.06, -0.12, -0.14)):
+    # Fixed title positions (no tick labels above the axes to clear); the axis labels are placed by
+    # matplotlib beyond their tick labels, whose width depends on the counts (5 digits for 60k samples).
+    for ax in figure.axes[:3]:
         ax.title.set_y(1.0)
         ax._autotitlepos = False
-        ax.xaxis.set_label_coords(0.5, -0.13)
-        ax.yaxis.set_label_coords(left, 0.5)
     _fill_overview(figure, counts, max_clients, title)
     return figure
 
@@ -236,13 +359,14 @@ def _fill_overview(figure: Figure, counts: np.ndarray, max_clients: int, title: 
     _set_heatmap(heat, counts)
     _draw_bars(bars, counts, max_clients, False, "labels per client", legend=False)
     _draw_sizes(sizes, counts.sum(axis=1), 30, "client sizes")
-    figure.suptitle(title)
+    _suptitle(figure, title)
 
 
 def compare_partitions(partitions: Mapping[str, np.ndarray], *, max_clients: int = 30,
-                       normalize: bool = False) -> Figure:
+                       normalize: bool = False, title: str = "") -> Figure:
     """Several partitions side by side (`{name: client x class counts}`): each client's label mix as a
-    stacked bar, so label, quantity and mixed skews can be told apart at a glance."""
+    stacked bar, so label, quantity and mixed skews can be told apart at a glance; `title` says what they
+    share (the dataset, the number of clients)."""
     names = list(partitions)
     columns = min(len(names), 3)
     rows = -(-len(names) // columns)
@@ -257,13 +381,16 @@ def compare_partitions(partitions: Mapping[str, np.ndarray], *, max_clients: int
     handles = [Rectangle((0, 0), 1, 1, color=colors[c]) for c in range(num_classes)]
     figure.legend(handles, [str(c) for c in range(num_classes)], loc="outside right center", title="class",
                   fontsize="small")
+    if title:
+        _suptitle(figure, title)
     return figure
 
 
 def heterogeneity_curve(values: Sequence[float], summaries: Sequence[Mapping[str, float]],
                         metrics: Sequence[str] = ("label_tv_mean", "label_js_mean", "effective_classes_mean"),
-                        *, xlabel: str = "alpha", log_x: bool = True) -> Figure:
-    """How summary statistics move with one parameter: one panel per metric, `summaries[i]` at `values[i]`."""
+                        *, xlabel: str = "alpha", log_x: bool = True, title: str = "") -> Figure:
+    """How summary statistics move with one parameter: one panel per metric, `summaries[i]` at `values[i]`;
+    `title` says what stays fixed (the dataset, the scheme, the number of clients)."""
     figure = Figure(figsize=(4 * len(metrics), 3.2), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(metrics), squeeze=False)[0])
     for ax, metric in zip(axes, metrics):
@@ -273,6 +400,8 @@ def heterogeneity_curve(values: Sequence[float], summaries: Sequence[Mapping[str
         ax.set_xlabel(xlabel)
         ax.set_title(metric.replace("_", " "))
         ax.grid(alpha=0.3)
+    if title:
+        _suptitle(figure, title)
     return figure
 
 
@@ -286,7 +415,11 @@ def _class_colors(num_classes: int) -> list:
 def _draw_heatmap(figure: Figure, ax, counts: np.ndarray, title: str) -> None:
     counts = np.asarray(counts)
     image = ax.imshow(counts.T, aspect="auto", interpolation="nearest", cmap="viridis")
-    figure.colorbar(image, ax=ax, label="samples", fraction=0.05, pad=0.02)
+    bar = figure.colorbar(image, ax=ax, label="samples", fraction=0.05, pad=0.02)
+    # A colour bar resets its axis' ticks on every change of range: it keeps its own locator and formatter.
+    bar.locator, bar.formatter = _count_locator(), _CountFormatter()
+    _count_ticks(ax.xaxis)
+    _count_ticks(ax.yaxis)
     ax.set_ylabel("class")
     ax.set_title(title)
     _set_heatmap(ax, counts)
@@ -323,6 +456,9 @@ def _draw_bars(ax, counts: np.ndarray, max_clients: int, normalize: bool, title:
         bottom = top
     ax.set_xlim(-0.5, max(len(shown), 1) - 0.5)
     ax.set_ylim(0, 1.05 * max(float(bottom.max(initial=0)), 1e-9))
+    _count_ticks(ax.xaxis)
+    if not normalize:
+        _count_ticks(ax.yaxis)
     ax.set_xlabel("client" if len(shown) == len(counts) else f"client (first {len(shown)} of {len(counts)})")
     ax.set_ylabel("label share" if normalize else "samples")
     ax.set_title(title)
@@ -333,14 +469,51 @@ def _draw_bars(ax, counts: np.ndarray, max_clients: int, normalize: bool, title:
 def _draw_sizes(ax, sizes: np.ndarray, bins: int, title: str) -> None:
     for patch in list(ax.patches):  # redrawing onto the same axes (update_overview)
         patch.remove()
-    heights, edges = np.histogram(np.asarray(sizes), bins=bins)
+    sizes = np.asarray(sizes)
+    low, high = (int(sizes.min()), int(sizes.max())) if len(sizes) else (0, 0)
+    # Sizes are whole numbers: with fewer distinct values than bins, one bin per size, centred on it.
+    edges = np.arange(low - 0.5, high + 1.5) if high - low + 1 <= bins else bins
+    heights, edges = np.histogram(sizes, bins=edges)
     # One filled step patch instead of a Rectangle per bin: the same picture, much cheaper to draw.
     ax.stairs(heights, edges, fill=True, color="tab:blue", alpha=0.85)
     ax.relim()
     ax.autoscale_view()
+    _count_ticks(ax.xaxis)
+    _count_ticks(ax.yaxis)
     ax.set_xlabel("samples per client")
     ax.set_ylabel("clients")
     ax.set_title(title)
+
+
+def _count_ticks(axis) -> None:
+    """Ticks at whole numbers only (as many as fit the axis), written by `_CountFormatter`."""
+    axis.set_major_locator(_count_locator())
+    axis.set_major_formatter(_CountFormatter())
+
+
+def _count_locator() -> MaxNLocator:
+    return MaxNLocator(nbins="auto", integer=True, min_n_ticks=1)
+
+
+class _CountFormatter(Formatter):
+    """Whole-number tick labels: `2,500` (never `2.5e3` or an offset). From 10,000 up, in thousands or
+    millions (`60k`, `1.25M`: separators would make the labels too wide for their neighbours), one unit
+    for the whole axis, unless that would write two different ticks alike (599,999 and 600,000)."""
+
+    _unit: tuple[float, str] | None = None
+
+    def set_locs(self, locs) -> None:
+        super().set_locs(locs)
+        values = [abs(float(v)) for v in locs]
+        self._unit = next(((unit, suffix) for unit, suffix in ((1e6, "M"), (1e3, "k"))
+                           if values and max(values) >= 10 * unit
+                           and all(float(v / (unit / 100)).is_integer() for v in values)), None)
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        if self._unit is None or not value:
+            return f"{value:,.0f}"
+        unit, suffix = self._unit
+        return f"{value / unit:g}{suffix}"
 
 
 def feature_skew_preview(samples: np.ndarray, titles: Sequence[str], *, title: str = "") -> Figure:
@@ -349,9 +522,15 @@ def feature_skew_preview(samples: np.ndarray, titles: Sequence[str], *, title: s
     samples = np.asarray(samples, dtype=np.float64)
     # One grey scale for all, that of the first (least skewed) sample, so growing noise shows as noise.
     low, high = float(samples[0].min()), float(samples[0].max())
-    figure = Figure(figsize=(1.6 * len(samples) + 0.4, 2.0))
+    # Fixed margins in inches: room for each line of the title above the clients' names.
+    lines = len(title.splitlines()) if title else 0
+    height = 1.9 + 0.25 * lines
+    # Wide enough for the title's longest line too (the estimate `_suptitle` wraps by: 0.1 in per character).
+    width = max(1.6 * len(samples) + 0.4, 0.1 * max((len(line) for line in title.splitlines()), default=0) + 0.2)
+    figure = Figure(figsize=(width, height))
     axes = np.atleast_1d(figure.subplots(1, len(samples), squeeze=False)[0])
-    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.05, top=0.72 if title else 0.82, wspace=0.1)
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.1 / height, top=1 - (0.35 + 0.25 * lines) / height,
+                           wspace=0.1)
     for ax, sample, name in zip(axes, samples, titles):
         if sample.ndim == 3:
             picture = np.moveaxis(sample, 0, -1)
@@ -360,8 +539,8 @@ def feature_skew_preview(samples: np.ndarray, titles: Sequence[str], *, title: s
             ax.set_xticks([]), ax.set_yticks([])
         else:
             ax.plot(sample.ravel(), linewidth=0.8)
-            ax.set_yticks([])
+            ax.set_xticks([]), ax.set_yticks([])  # feature index and value: the shape is what matters
         ax.set_title(name, fontsize="small")
     if title:
-        figure.suptitle(title)
+        _suptitle(figure, title)
     return figure

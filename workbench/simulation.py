@@ -19,7 +19,7 @@ from torch import nn
 from workbench.attacks import attack_update, choose_malicious
 from workbench.client import ClientTask, ClientUpdate, LocalObjective, finish_update, torch_generator
 from workbench.config import ExperimentConfig
-from workbench.data import Dataset, load_dataset
+from workbench.data import Dataset, describe_dataset, load_dataset
 from workbench.execution import Executor, RunStopped, SequentialExecutor, build_executor, check_stop
 from workbench.models import build_model, check_model_fits
 from workbench.partition import (FEATURE_SKEWS, apply_feature_skew, check_feature_skew, partition,
@@ -94,6 +94,13 @@ class Federation:
     client_tests: ClientTestSets | None = None
     #: How `run` executes the rounds (resolved executor, workers, their threads), for the run's record.
     execution: dict[str, object] = field(default_factory=dict)
+    #: The partition scheme used: `partition.scheme` with `auto` resolved for this dataset.
+    partition_scheme: str = ""
+    #: The first round `run` trains (> 1 for a resumed run), set by `run` before its callbacks start.
+    start_round: int = 1
+    #: The data as loaded, before any feature skew (`data.describe_dataset`: name, digest, source), for the
+    #: run's record: the same data has the same digest under every partition scheme.
+    data_description: dict[str, str] = field(default_factory=dict)
 
     @property
     def client_sizes(self) -> list[int]:
@@ -137,6 +144,7 @@ def split_client_tests(config: ExperimentConfig, dataset: Dataset,
     returns them): the natural clients' own held-out samples under `natural`; under every other scheme,
     held-out samples with the client's training label distribution (`partition_test_by_labels`, seeded
     from the partition stream), with the client's feature transform applied under feature skew."""
+    config = config.with_resolved_partition(dataset.has_natural_clients)
     if config.partition.scheme == "natural":
         if dataset.client_test is None or len(dataset.client_test) != len(clients):
             return None
@@ -159,6 +167,7 @@ def prepare(config: ExperimentConfig) -> Federation:
     """Load data, partition it and build the model; every user error surfaces here, before any round."""
     device = resolve_device(config.device)
     dataset = load_data(config)
+    data_description = describe_dataset(dataset, config.data.name)
     check_model_fits(config.model.name, dataset.input_shape)
     dataset, clients = partition_dataset(config, dataset)
     client_tests = split_client_tests(config, dataset, clients)
@@ -169,7 +178,9 @@ def prepare(config: ExperimentConfig) -> Federation:
         dataset, x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
         x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device))
     return Federation(config, dataset, clients, model, build_strategy(config), device, stats,
-                      client_tests.to(device) if client_tests is not None else None)
+                      client_tests.to(device) if client_tests is not None else None,
+                      partition_scheme=config.with_resolved_partition(dataset.has_natural_clients).partition.scheme,
+                      data_description=data_description)
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,7 @@ def run(
     executor = check_executor(executor, federation, config.execution.executor)
     warn_if_no_updates(config, federation.strategy)
     federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))
+    federation.start_round = start_round
     history = History()
     error: BaseException | None = None
     with torch_threads(config.execution.threads or getattr(executor, "threads", 0)):

@@ -4,6 +4,7 @@ is FedAvg; FedAvg with one client is plain SGD)."""
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -116,6 +117,38 @@ def curves(histories: Mapping[str, History], metrics: Sequence[str]) -> dict[str
     return {label: {metric: history.metric(metric) for metric in metrics} for label, history in histories.items()}
 
 
+def history_table(histories: Mapping[str, History], metrics: Sequence[str], *, below: float | None = None):
+    """Several runs' metrics as a table to read beside their curves: one row per (metric, run), with the
+    value of the first and of the last round that logged it and the lowest and highest over the run; with
+    `below`, also the number of rounds under that value (`below=0` on cosines: the rounds in which some
+    client's update pulled against the mean).
+
+    The first two columns are named after their rounds (`round 1`, `round 30`) when every series starts
+    and ends at the same rounds, else `first round` and `last round`.
+    """
+    import pandas
+
+    series = {(metric, label): history.metric(metric) for metric in metrics for label, history in histories.items()}
+    ends = {(points[0][0], points[-1][0]) for points in series.values() if points}
+    first, last = "first round", "last round"
+    if len(ends) == 1:
+        ((start, stop),) = ends
+        if start != stop:
+            first, last = f"round {start}", f"round {stop}"
+    rows = {}
+    for key, points in series.items():
+        values = np.array([v for _, v in points], dtype=np.float64)
+        found = len(values) > 0
+        row = {first: values[0] if found else np.nan, last: values[-1] if found else np.nan,
+               "lowest": values.min() if found else np.nan, "highest": values.max() if found else np.nan}
+        if below is not None:
+            row[f"rounds below {below:g}"] = int((values < below).sum())
+        rows[key] = row
+    table = pandas.DataFrame.from_dict(rows, orient="index")
+    table.index = pandas.MultiIndex.from_tuples(table.index, names=["metric", "run"])
+    return table
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a model's weights."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -130,15 +163,46 @@ def max_weight_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
 
 @dataclass(frozen=True)
 class Equivalence:
-    """Two ways of computing the same model: how far apart their weights and metrics ended up."""
+    """Two ways of computing the same model: how far apart their weights and metrics ended up.
+
+    `max_metric_difference` is NaN where no metrics were compared (the SGD reference logs none);
+    `metric_differences` holds the largest difference of each metric compared, `(name, value)` by name.
+    """
 
     max_weight_difference: float
     max_metric_difference: float
     num_rounds: int
+    metric_differences: tuple[tuple[str, float], ...] = ()
 
     @property
     def is_exact(self) -> bool:
-        return self.max_weight_difference == 0.0 and self.max_metric_difference == 0.0
+        """Bit-for-bit the same weights, and the same value of every metric compared."""
+        return self.max_weight_difference == 0.0 and not self.max_metric_difference > 0.0
+
+    @property
+    def largest_metric(self) -> str:
+        """The metric that differs most ("" when none differs or none was compared)."""
+        name, value = max(self.metric_differences, key=lambda item: item[1], default=("", 0.0))
+        return name if value > 0.0 else ""
+
+
+def equivalence_table(results: Mapping[str, Equivalence], metrics: Sequence[str] = ("test_accuracy",)):
+    """Comparisons of `run_both` / `one_client_vs_sgd` as a table, one row per comparison: rounds, the
+    largest weight difference, the largest difference of each of `metrics`, the largest of any metric and
+    which one it was, and whether the two are exactly equal. Metrics that were not compared (the SGD
+    reference logs none) read NaN and 'not compared'."""
+    import pandas
+
+    rows = {}
+    for label, result in results.items():
+        compared = math.isfinite(result.max_metric_difference)
+        differences = dict(result.metric_differences)
+        rows[label] = {"rounds": result.num_rounds, "largest weight difference": result.max_weight_difference,
+                       **{f"largest {metric} difference": differences.get(metric, math.nan) for metric in metrics},
+                       "largest metric difference": result.max_metric_difference,
+                       "in metric": (result.largest_metric or "none differs") if compared else "not compared",
+                       "exactly equal": result.is_exact}
+    return pandas.DataFrame.from_dict(rows, orient="index")
 
 
 def run_both(config_a: ExperimentConfig, config_b: ExperimentConfig) -> Equivalence:
@@ -150,10 +214,13 @@ def run_both(config_a: ExperimentConfig, config_b: ExperimentConfig) -> Equivale
         history = run(federation)
         results.append((snapshot(federation.model), history))
     (state_a, history_a), (state_b, history_b) = results
-    differences = [abs(ra.metrics[k] - rb.metrics[k]) for ra, rb in zip(history_a.rounds, history_b.rounds)
-                   for k in ra.metrics if k != "round_time_s" and k in rb.metrics]
-    return Equivalence(max_weight_difference(state_a, state_b), max(differences, default=0.0),
-                       len(history_a.rounds))
+    by_metric: dict[str, float] = {}
+    for ra, rb in zip(history_a.rounds, history_b.rounds):
+        for k in ra.metrics:
+            if k != "round_time_s" and k in rb.metrics:
+                by_metric[k] = max(by_metric.get(k, 0.0), abs(ra.metrics[k] - rb.metrics[k]))
+    return Equivalence(max_weight_difference(state_a, state_b), max(by_metric.values(), default=0.0),
+                       len(history_a.rounds), tuple(sorted(by_metric.items())))
 
 
 def sgd_reference(config: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -188,7 +255,8 @@ def one_client_vs_sgd(config: ExperimentConfig) -> Equivalence:
     """Federated training with one client against `sgd_reference` on the same data and shuffles."""
     federation = prepare(config)
     history = run(federation)
-    return Equivalence(max_weight_difference(snapshot(federation.model), sgd_reference(config)), 0.0,
+    # The reference logs no metrics: there is nothing to compare them with (NaN, not a reassuring 0).
+    return Equivalence(max_weight_difference(snapshot(federation.model), sgd_reference(config)), math.nan,
                        len(history.rounds))
 
 
@@ -216,5 +284,6 @@ def privacy_tradeoff(experiment: str, tracking_uri: str | None = None, *, sweep_
     noisy = table[table["noise_multiplier"] > 0]  # z = 0 spends an unbounded epsilon: no point on the axis
     figure = tradeoff_figure(noisy["dp_epsilon"], noisy[f"{metric}_mean"], noisy[f"{metric}_ci95"],
                              [f"z={z:g}" for z in noisy["noise_multiplier"]], x_label="epsilon spent",
-                             y_label=metric.replace("_", " "), title="DP-FedAvg: privacy against accuracy")
+                             y_label=metric.replace("_", " "),
+                             title=f"DP-FedAvg on {experiment}: privacy against accuracy ({len(runs)} runs)")
     return table, figure

@@ -12,31 +12,39 @@ from workbench.client import ClientTask
 from workbench.execution.base import (Executor, RunStopped, SequentialExecutor, batch_order, check_stop,
                                       default_threads, task_labels)
 from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
-from workbench.execution.processes import ProcessExecutor, close_pools, usable_cpus
+from workbench.execution.processes import (ProcessExecutor, WorkerDied, close_pools, describe_exit, model_payload,
+                                           usable_cpus, user_modules, why_not_sendable)
 from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, why_not_batchable
 
 EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "vectorized": VectorizedExecutor}
 
 __all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
-           "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "batch_order", "batch_schedule", "build_executor",
-           "check_stop", "close_pools", "default_threads", "linear_chain", "resolve_executor", "task_labels",
-           "train_chain_locally", "usable_cpus", "why_not_batchable"]
+           "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "WorkerDied", "batch_order", "batch_schedule",
+           "build_executor", "check_stop", "close_pools", "default_threads", "describe_exit", "linear_chain",
+           "model_payload", "resolve_executor", "task_labels", "train_chain_locally", "usable_cpus",
+           "user_modules", "why_not_batchable", "why_not_sendable"]
 
 
 def resolve_executor(name: str, model: nn.Module) -> str:
     """The executor `name` stands for with this model on its device: `auto` is `vectorized` on a GPU
     (when the model can be batched), `processes` on a CPU with several cores (outside daemonic worker
     processes), else `sequential`.
-    An explicit choice that cannot work here falls back, with a warning that says why."""
+    An explicit choice that cannot work here falls back, with a warning that says why; so does `auto` when
+    the model cannot be sent to worker processes (`why_not_sendable`)."""
     device = next(model.parameters()).device
     reason = why_not_batchable(model)
     if name == "auto":
         if device.type != "cpu":
             return "vectorized" if reason is None else "sequential"
         # a daemonic process (a multiprocessing.Pool worker) may not start workers of its own
-        return "processes" if usable_cpus() > 1 and not multiprocessing.current_process().daemon else "sequential"
+        if usable_cpus() == 1 or multiprocessing.current_process().daemon:
+            return "sequential"
+        return _sendable_or_sequential("auto", model)
     if name == "vectorized" and reason is not None:
         fallback = "processes" if device.type == "cpu" and usable_cpus() > 1 else "sequential"
+        unsendable = why_not_sendable(model) if fallback == "processes" else None
+        if unsendable is not None:
+            fallback, reason = "sequential", f"{reason}; and {unsendable}"
         warnings.warn(f"execution.executor='vectorized' cannot batch this model ({reason}); "
                       f"using {fallback!r} instead", stacklevel=3)
         return fallback
@@ -45,7 +53,17 @@ def resolve_executor(name: str, model: nn.Module) -> str:
         warnings.warn(f"execution.executor='processes' runs on CPU only, the model is on {device}; "
                       f"using {fallback!r} instead", stacklevel=3)
         return fallback
+    if name == "processes":
+        return _sendable_or_sequential(name, model)
     return name
+
+
+def _sendable_or_sequential(name: str, model: nn.Module) -> str:
+    unsendable = why_not_sendable(model)
+    if unsendable is None:
+        return "processes"
+    warnings.warn(f"execution.executor={name!r}: {unsendable}; using 'sequential' instead", stacklevel=4)
+    return "sequential"
 
 
 def build_executor(name: str, model: nn.Module, *, workers: int = 0) -> Executor:

@@ -1,21 +1,25 @@
 """Worker processes of one intra-op thread each, kept between rounds (and runs), pulling clients from a
-shared counter; weights travel through shared-memory buffers, never through pickles."""
+shared counter. The model's definition travels once per executor, by value (cloudpickle), so classes
+defined in a notebook's `__main__` train there too; weights travel through shared-memory buffers."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
 import os
+import pickle
 import queue
 import signal
+import site
 import sys
+import sysconfig
 import threading
 import time
 import traceback
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
+import cloudpickle
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -29,6 +33,89 @@ from workbench.execution.kernels import LocalTrainer, linear_chain
 START_METHOD = "spawn"
 _POLL_S = 0.05
 _START_TIMEOUT_S = 300.0
+#: lines of a worker's last reported traceback quoted when it dies
+_REPORT_LINES = 30
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended while the run needed it; the message says how (exit code or signal) and
+    quotes the last traceback it reported."""
+
+
+_BY_VALUE_LOCK = threading.Lock()
+
+
+def _installed_prefixes() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    folders.append(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+
+
+def user_modules(model: nn.Module) -> list[Any]:
+    """The modules of `model`'s layer classes that are the user's own code: neither `__main__` (cloudpickle
+    sends that by value anyway), torch, workbench, nor anything installed (stdlib, site-packages)."""
+    installed, found = _installed_prefixes(), {}
+    for layer in model.modules():
+        name = type(layer).__module__
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if name == "__main__" or name.partition(".")[0] in ("torch", "workbench") or not file:
+            continue
+        if not os.path.realpath(file).startswith(installed):
+            found[name] = module
+    return list(found.values())
+
+
+def model_payload(model: nn.Module) -> bytes:
+    """`model` serialized for the workers. Classes defined in `__main__` or in the user's own modules go by
+    value: a spawned worker cannot import `__main__`, may lack a folder added to `sys.path` after it
+    started, and would keep the version of a module it imported before the notebook edited and reloaded
+    it. Installed code (torch, workbench, site-packages) goes by reference, as does a user module whose
+    classes cannot be pickled by value. Raises ValueError with the reason when the model cannot be sent."""
+    modules = user_modules(model)
+    if modules:
+        with _BY_VALUE_LOCK:
+            already = cloudpickle.list_registry_pickle_by_value()
+            added = [m for m in modules if m.__name__ not in already]
+            for module in added:
+                cloudpickle.register_pickle_by_value(module)
+            try:
+                return cloudpickle.dumps(model)
+            except Exception:  # e.g. a module-level lock its methods use: try by reference below
+                pass
+            finally:
+                for module in added:
+                    cloudpickle.unregister_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(model)
+    except Exception as err:  # pickling raises TypeError, PicklingError, AttributeError, ... by object
+        first_line = (str(err).splitlines() or [""])[0]
+        raise ValueError(f"the model ({type(model).__qualname__}) cannot be sent to worker processes: "
+                         f"{type(err).__name__}: {first_line}") from err
+
+
+def why_not_sendable(model: nn.Module) -> str | None:
+    """Why `model` cannot be sent to worker processes (a weak reference, an open file or a lock among its
+    attributes), or None when it can."""
+    try:
+        model_payload(model)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a process ended, from `multiprocessing.Process.exitcode` (negative: the signal that ended it)."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by signal {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
 
 
 def usable_cpus() -> int:
@@ -40,12 +127,24 @@ def usable_cpus() -> int:
 
 
 def _work(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
-    """A worker's loop: keep the data, model and buffers it is sent; on a round, take clients from the
-    shared counter until none are left (or the round is cancelled), writing each update into its row."""
+    """A worker's life: serve the parent until it says close; whatever else ends it is reported first,
+    so that the parent can say why the worker died."""
     # Ctrl-C (and a Jupyter kernel's interrupt or shutdown) reaches the whole process group; the parent
     # turns it into a KILLED run and closes the pool, so a worker printing its own traceback is noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    try:
+        _serve(rank, inbox, outbox, counter, cancel, started_at)
+    except BaseException:
+        # the queue's feeder thread is joined at exit, so this report reaches the parent before it sees
+        # the process gone
+        outbox.put(("fatal", rank, traceback.format_exc()))
+        raise
+
+
+def _serve(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
+    """A worker's loop: keep the data, model and buffers it is sent; on a round, take clients from the
+    shared counter until none are left (or the round is cancelled), writing each update into its row."""
     x = y = trainer = global_state = out = None
     names: list[str] = []
     corrections: dict[str, torch.Tensor] = {}
@@ -67,9 +166,9 @@ def _work(rank: int, inbox, outbox, counter, cancel, started_at: float) -> None:
             if kind == "data":
                 x, y = message[1], message[2]
             elif kind == "model":
-                # private weights: the pickled model's tensors arrive in memory shared by all workers
-                trainer = LocalTrainer(copy.deepcopy(message[1]), use_kernel=message[2])
+                trainer = LocalTrainer(pickle.loads(message[1]), use_kernel=message[2])
                 names = [name for name, _ in trainer.model.named_parameters()]
+                outbox.put(("model_ready", rank))
             elif kind == "buffers":
                 global_state, out = message[1], message[2]
             elif kind == "corrections":
@@ -137,6 +236,8 @@ class WorkerPool:
         self.boot_s: list[float] = []
         self.round_id = 0
         self._model_owner: Any = None
+        #: the last traceback each worker reported (by rank), quoted if it dies
+        self.reports: dict[int, str] = {}
         self._data: tuple[Any, ...] | None = None
         self._layout: tuple | None = None
         self._capacity = 0
@@ -156,29 +257,78 @@ class WorkerPool:
             try:
                 message = self.outbox.get(timeout=_POLL_S)
             except queue.Empty:
-                self._check_alive()
+                self._check_alive("while starting")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker processes did not start within {_START_TIMEOUT_S:.0f} s")
                 continue
             if message[0] == "ready":
                 ready += 1
                 self.boot_s.append(message[2])
+            self._note(message)
         self.is_ready = True
 
-    def _check_alive(self) -> None:
-        dead = [p.name for p in self.processes if not p.is_alive()]
-        if dead:
-            raise RuntimeError(f"worker process(es) {', '.join(dead)} died (out of memory?); "
-                               "the next round starts fresh ones")
+    def _note(self, message: tuple) -> None:
+        """Keep the traceback of a worker's `error` or `fatal` message, by rank."""
+        if message[0] == "error":
+            self.reports[message[2]] = message[3]
+        elif message[0] == "fatal":
+            self.reports[message[1]] = message[2]
+
+    def _check_alive(self, doing: str) -> None:
+        """Raise `WorkerDied` when a worker has ended: how it ended and the last traceback it reported."""
+        dead = [(rank, p) for rank, p in enumerate(self.processes) if not p.is_alive()]
+        if not dead:
+            return
+        while True:  # a dying worker's last words are in the queue: the feeder flushes before exit
+            try:
+                self._note(self.outbox.get_nowait())
+            except queue.Empty:
+                break
+        lines = []
+        for rank, process in dead:
+            line = f"worker process {process.name} (pid {process.pid}) {describe_exit(process.exitcode)} {doing}"
+            report = self.reports.get(rank)
+            if report:
+                tail = report.rstrip().splitlines()[-_REPORT_LINES:]
+                line += "; the last traceback it reported:\n" + "\n".join(tail)
+            else:
+                line += "; it reported no error before it ended"
+            lines.append(line)
+        if any(process.exitcode == -signal.SIGKILL for _, process in dead):
+            lines.append("(SIGKILL is what `kill -9` and the kernel's out-of-memory killer send; the system log "
+                         "says which)")
+        raise WorkerDied("\n".join(lines) + "\n(the next run starts fresh worker processes)")
 
     def _broadcast(self, message: tuple) -> None:
         for inbox in self.inboxes:
             inbox.put(message)
 
-    def send_model(self, owner: Any, model: nn.Module, use_kernel: bool) -> None:
-        if self._model_owner is not owner:
-            self._broadcast(("model", model, use_kernel))
-            self._model_owner = owner
+    def send_model(self, owner: Any, payload: bytes, use_kernel: bool, label: str = "the model") -> None:
+        """Send a model (`model_payload`) to every worker and wait until each has rebuilt it, or raise
+        RuntimeError with the traceback of one that could not."""
+        if self._model_owner is owner:
+            return
+        self._model_owner = None
+        self._broadcast(("model", payload, use_kernel))
+        answered, errors = 0, []
+        while answered < self.num_workers:
+            try:
+                message = self.outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                self._check_alive("while rebuilding the model it was sent")
+                continue
+            self._note(message)
+            if message[0] == "model_ready":
+                answered += 1
+            elif message[0] == "error":
+                answered += 1
+                errors.append(message[3])
+        if errors:
+            unimportable = any(e in errors[0] for e in ("ModuleNotFoundError", "Can't get attribute"))
+            hint = (" (its module cannot be imported there: put it on PYTHONPATH, or define the class in the "
+                    "notebook or script itself)") if unimportable else ""
+            raise RuntimeError(f"the worker processes could not rebuild {label} sent to them{hint}:\n{errors[0]}")
+        self._model_owner = owner
 
     def send_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Share (x, y) with the workers once per dataset: a copy in shared memory, not the caller's."""
@@ -232,8 +382,9 @@ class WorkerPool:
             try:
                 message = self.outbox.get(timeout=_POLL_S)
             except queue.Empty:
-                self._check_alive()
+                self._check_alive("while training clients")
                 continue
+            self._note(message)
             kind = message[0]
             if kind == "done" and message[1] == self.round_id:
                 losses[message[2]] = message[3]
@@ -301,7 +452,12 @@ class ProcessExecutor:
         if device.type != "cpu":
             raise ValueError(f"execution.executor='processes' runs on CPU, but the model is on {device} "
                              "(use execution.executor=vectorized or auto on a GPU)")
-        self._model = copy.deepcopy(model)
+        try:  # `resolve_executor` falls back to `sequential` before it comes to this
+            self._payload = model_payload(model)
+        except ValueError as err:
+            raise ValueError(f"execution.executor='processes': {err} (use execution.executor=sequential, or "
+                             "keep such objects out of the model's attributes)") from err
+        self._label = f"the model {type(model).__module__}.{type(model).__qualname__}"
         self._names = [name for name, _ in model.named_parameters()]
         self.num_workers = num_workers or usable_cpus()
         self.uses_kernel = use_kernel and linear_chain(model) is not None
@@ -327,7 +483,7 @@ class ProcessExecutor:
         with pool.lock:
             try:
                 pool.wait_ready()
-                pool.send_model(self, self._model, self.uses_kernel)
+                pool.send_model(self, self._payload, self.uses_kernel, self._label)
                 pool.send_data(x, y)
                 pool.send_state(global_state, len(tasks))
                 corrections = [gradient_correction(task.payload, task.client_state, self._names) for task in tasks]

@@ -10,21 +10,24 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from workbench.models import describe_model
 from workbench.partition import partition_hash
 from workbench.simulation import Callback, Federation, History, RoundResult
 from workbench.tracking.checkpoints import (CHECKPOINT_DIR, Checkpoint, checkpoint_rounds, log_model, model_spec,
                                             server_state, write_checkpoint)
 from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_PARTS_DIR, CLIENT_TABLE, client_part_name,
                                       client_part_sessions, client_rows, download_client_rows, log_partition,
-                                      read_client_rows, write_client_part)
-from workbench.tracking.store import (DEFAULT_EXPERIMENT, STATE_DIR_ENV, TRACKING_ERRORS, TrackingUnavailable, _now_ms,
-                                      check_tracking_uri, default_state_root, default_tracking_uri,
-                                      get_or_create_experiment, open_client)
+                                      partition_stat_params, read_client_rows, write_client_part)
+from workbench.tracking.store import (DEFAULT_EXPERIMENT, KEY_METRICS, STATE_DIR_ENV, TRACKING_ERRORS,
+                                      TrackingUnavailable, _now_ms, check_tracking_uri, default_state_root,
+                                      default_tracking_uri, get_or_create_experiment, open_client)
 
 #: Rounds that end less than this many seconds after the last send to MLflow wait and go with the next
 #: one: a store write costs 10-20 ms of CPU, as much as a whole round of a small model. Every metric
@@ -37,19 +40,23 @@ FLUSH_EVERY_S = 2.0
 UNPUBLISHED_DIR = "unpublished"
 _MLFLOW_METRIC_LIMIT = 1000  # log_batch accepts at most 1000 metrics per call
 _MLFLOW_PARAM_LIMIT = 100  # log_batch accepts at most 100 params per call
+#: Where a resumed run keeps the error tag of the attempt it continues (its `error` tag is what the current
+#: attempt raised, if anything: a resumed run that finishes has none).
+PREVIOUS_ERROR_TAG = "previous_error"
 
 
 class MlflowCallback(Callback):
-    """Records a run in MLflow: config as params, tags, one metric batch per round, checkpoints, the
-    per-client table and the final model.
+    """Records a run in MLflow: config and the partition's statistics as params (`partition.stat.*`), tags,
+    one metric batch per round, checkpoints, the per-client table and the final model.
 
     A run that raises ends FAILED and one interrupted (Ctrl-C, a stop event) ends KILLED; what was logged
-    stays, and its last round's checkpoint is logged so that `resume` can continue it. Each round's
-    checkpoint and metrics are first written to a local state folder, then sent to MLflow by a background
-    thread while the next rounds train: every `flush_every_s` seconds the rounds that ended since go in one
-    metric batch with their checkpoints (one send in flight at most). A run whose tracking server goes away
-    stops with `TrackingUnavailable` at the end of the round in which that shows, and loses nothing:
-    `resume` sends the rest from the local state.
+    stays, and its last round's checkpoint is logged so that `resume` can continue it (the resumed run moves
+    the interrupted attempt's `error` tag to `previous_error`). Each round's checkpoint and metrics are
+    first written to a local state folder, then sent to MLflow by a background thread while the next rounds
+    train: every `flush_every_s` seconds the rounds that ended since go in one metric batch with their
+    checkpoints (one send in flight at most). A run whose tracking server goes away stops with
+    `TrackingUnavailable` at the end of the round in which that shows, and loses nothing: `resume` sends
+    the rest from the local state.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
@@ -102,26 +109,26 @@ class MlflowCallback(Callback):
         tags = {
             "algorithm": config.strategy.name,
             "dataset": config.data.name,
-            "partition": config.partition.scheme,
+            "partition": federation.partition_scheme,
             "model": config.model.name,
             "seed": str(config.seed),
             "partition_hash": partition_hash(federation.clients),
             **self.extra_tags,
         }
-        name = self.run_name or f"{config.strategy.name}-{config.data.name}-{config.partition.scheme}-s{config.seed}"
+        name = self.run_name or f"{config.strategy.name}-{config.data.name}-{federation.partition_scheme}-s{config.seed}"
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         self._open_state_folder(federation)
-        params = {**config.to_flat(), "resolved_device": str(federation.device),
-                  "torch_threads": torch.get_num_threads(),
-                  **{f"resolved_{k}": v for k, v in federation.execution.items()}}
+        params = {**config.to_flat(), **describe_model(config.model.name, federation.model),
+                  "resolved_device": str(federation.device),
+                  "resolved_partition_scheme": federation.partition_scheme, "torch_threads": torch.get_num_threads(),
+                  **{f"resolved_{k}": v for k, v in federation.execution.items()},
+                  **partition_stat_params(federation.partition_stats)}
         items = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(items), _MLFLOW_PARAM_LIMIT):
             self.client.log_batch(self.run_id, params=items[start:start + _MLFLOW_PARAM_LIMIT])
-        now = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(f"partition_{k}", float(v), now, 0) for k, v in federation.partition_stats.items()
-        ])
+        if federation.data_description:  # the UI's Dataset column: name, digest and source of the data
+            log_dataset_input(self.client, self.run_id, federation.data_description)
         # the partition's files and heatmap (a figure to render: the slowest part of a run's start)
         # are logged while the first round trains
         self._in_flight = self._publisher.submit(log_partition, self.client, self.run_id, federation)
@@ -180,7 +187,7 @@ class MlflowCallback(Callback):
         """On the publishing thread: the rounds' metrics in one batch (one point per metric and round),
         then their client table part and their checkpoints."""
         now = _now_ms()
-        metrics = [Metric(k, float(v), now, round_) for round_, values in unsent for k, v in values.items()]
+        metrics = [Metric(k, float(v), now, round_) for round_, values in unsent for k, v in _key_first(values)]
         for start in range(0, len(metrics), _MLFLOW_METRIC_LIMIT):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + _MLFLOW_METRIC_LIMIT])
         if send is not None:
@@ -324,11 +331,21 @@ class MlflowCallback(Callback):
             self._restage_unsent(checkpoint, federation.config.checkpoint.every)
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "resumed_from_round", str(checkpoint.round))
+            self._clear_previous_error()
             self._publish([(entry["round"], entry["metrics"]) for entry in pending], None)
             self._logged_before_resume = max([self._logged_before_resume, *(e["round"] for e in pending)])
         except TRACKING_ERRORS as err:
             raise TrackingUnavailable(f"MLflow at {self.tracking_uri} cannot reopen run {self.run_id} "
                                       f"({type(err).__name__}: {err}); try again once it answers") from err
+
+    def _clear_previous_error(self) -> None:
+        """The interrupted attempt's `error` tag becomes `previous_error` (kept first, then the old one
+        deleted: a kill between the two leaves both, never neither)."""
+        error = self.client.get_run(self.run_id).data.tags.get("error")
+        if error is None:
+            return
+        self.client.set_tag(self.run_id, PREVIOUS_ERROR_TAG, error)
+        self.client.delete_tag(self.run_id, "error")
 
     def _restage_unsent(self, checkpoint: Checkpoint, every: int) -> None:
         """Stage for the first send what a killed run left unsent (oldest first, later rounds' "best"
@@ -351,6 +368,31 @@ class MlflowCallback(Callback):
         if (not checkpoint.is_remote and every and checkpoint.round % every == 0 and not (staged / name).exists()
                 and checkpoint.round not in checkpoint_rounds(self.client, self.run_id)):
             self._stage_checkpoint(name)
+
+
+def _key_first(values: dict[str, float]) -> list[tuple[str, float]]:
+    """A round's metrics with `KEY_METRICS` first: MLflow lists a run's metrics in the order they were first
+    logged, and its compare view plots the first one unless told otherwise."""
+    return ([(k, values[k]) for k in KEY_METRICS if k in values]
+            + [(k, v) for k, v in values.items() if k not in KEY_METRICS])
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, description: Mapping[str, str],
+                      context: str = "training") -> None:
+    """Record a run's data as an MLflow dataset input (the UI's Dataset column and the run's Datasets).
+
+    `description` holds `mlflow.entities.Dataset`'s fields, as `workbench.data.describe_dataset` returns
+    them: name, digest, source_type, source, and optionally schema and profile (JSON text). `context` is
+    the `mlflow.data.context` input tag ("training", "evaluation", ...).
+    """
+    missing = [key for key in ("name", "digest", "source_type", "source") if not description.get(key)]
+    if missing:
+        raise ValueError(f"the dataset description lacks {', '.join(missing)} (got keys {sorted(description)}); "
+                         f"build it with workbench.data.describe_dataset(dataset)")
+    dataset = Dataset(name=description["name"], digest=description["digest"],
+                      source_type=description["source_type"], source=description["source"],
+                      schema=description.get("schema"), profile=description.get("profile"))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def flush_interval() -> float:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workbench.models import build_model
+from workbench.models import MODELS, build_model, describe_model
 from workbench.simulation import Federation
 from workbench.tracking.store import default_state_root, open_client
 
@@ -27,12 +27,24 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def model_spec(federation: Federation) -> dict[str, Any]:
-    """What rebuilds the global model's class: its name and shapes."""
+    """What rebuilds the global model's class: its name and shapes, and where its factory came from
+    (`origin`, `import_path` when another process can import it, `factory` and `class` as
+    `module:qualname`, for the message that says what to register)."""
+    name = federation.config.model.name
+    described = describe_model(name, federation.model)
     return {
-        "model": federation.config.model.name,
+        "model": name,
         "input_shape": list(federation.dataset.input_shape),
         "num_classes": federation.dataset.num_classes,
+        "origin": described["model.source"],
+        "import_path": described["model.import_path"] or None,
+        "factory": _qualified(MODELS.resolve(name).factory),
+        "class": described["model.class"],
     }
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
 def log_model(client: MlflowClient, run_id: str, federation: Federation) -> None:
@@ -71,13 +83,71 @@ def load_model(run_id: str, tracking_uri: str | None = None, round: int | str | 
             raise ValueError(f"run {run_id} has no {path!r} artifacts (a run that did not finish has no "
                              f"final model: load one of its checkpoints with round=N)") from err
         spec, state, _ = read_checkpoint(local)
-    return build_ready_model(spec, state)
+    return build_ready_model(spec, state, source=f"run {run_id}")
 
 
-def build_ready_model(spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
-    model = build_model(spec["model"], tuple(spec["input_shape"]), spec["num_classes"], torch.Generator())
+def build_ready_model(spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
+                      source: str = "the checkpoint") -> nn.Module:
+    """The model `spec` describes (`model_spec`) with the weights `state`, in eval mode. Its factory is the
+    one registered under the spec's name in this session (built-ins included), else the one its `module:Name`
+    name or recorded import path imports; otherwise ValueError says what to register. Weights that do not
+    fit the model built (another class registered under the name) raise ValueError naming the parameters."""
+    name = spec["model"]
+    shape, num_classes = tuple(spec["input_shape"]), spec["num_classes"]
+    factory_name = _register_hint(spec)
+    register = f"workbench.register_model({name!r}, {factory_name})"
+    if name in MODELS or ":" in name:
+        target = name
+    elif spec.get("import_path"):
+        target = spec["import_path"]
+    else:
+        origin = spec.get("origin", "an older workbench that did not record where models came from")
+        raise ValueError(f"{source} trained model.name={name!r} ({origin}), which is not registered in this "
+                         f"session and cannot be imported: define it again and call {register} before "
+                         f"load_model")
+    try:
+        model = build_model(target, shape, num_classes, torch.Generator())
+    except ValueError as err:
+        if target == name:
+            raise
+        raise ValueError(f"{source} trained model.name={name!r} from {target}, which cannot be built here "
+                         f"({err}); put its module on PYTHONPATH, or call {register} before load_model") from err
+    _check_state_fits(model, state, source, name, register)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _register_hint(spec: Mapping[str, Any]) -> str:
+    """What to pass to `register_model` in a message: the recorded factory's name, or the model class's
+    when the factory was a lambda (then its arguments are the user's to repeat)."""
+    for key in ("factory", "class"):
+        qualname = str(spec.get(key) or "").rpartition(":")[2]
+        if qualname and "<" not in qualname:
+            return qualname
+    return "<your model factory>"
+
+
+def _brief(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
+
+def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str,
+                      register: str) -> None:
+    """Raise ValueError, naming a few parameters, when `state` is not `model`'s state_dict layout."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+                if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    problems = [f"{label}: {_brief(names)}" for label, names in (
+        ("missing from the weights", missing), ("in the weights but not in the model", unexpected),
+        ("of another shape (weights vs model)", reshaped)) if names]
+    built = f"{type(model).__module__}.{type(model).__qualname__}"
+    raise ValueError(f"{source}'s weights do not fit model.name={name!r} as built here ({built}): "
+                     f"{'; '.join(problems)}. Register the class the run trained ({register}) and load again")
 
 
 # ----- checkpoints: safetensors only -----

@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from workbench.config import knobs
-from workbench.plots import comparison_figure
+from workbench.config import ExperimentConfig, knobs
+from workbench.plots import comparison_figure, partition_title
 from workbench.tracking.store import open_client
 
 #: Tag of a sweep's parent run; its children carry `mlflow.parentRunId`, `sweep_id` and `sweep_group`.
@@ -34,7 +34,8 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
             sweep_id: str | None = None, target: float | None = None) -> Comparison:
     """Compare the finished runs of an experiment (or of one sweep): group them by the config keys whose
     values differ (seeds are averaged over), and return a table (final value mean ± std, best value, rounds
-    to reach `target`) and a figure (learning curves mean ± std, final values).
+    to reach `target`) and a figure (learning curves mean ± std, final values). A group of one run has no
+    spread: its std and ci95 are NaN (`format_comparison` shows them as n=1).
 
     Without `target`, it is the final mean of the weakest group: the level every group ends up reaching,
     so 'rounds to target' says which gets there first. Lower is better for metrics named `*loss*`.
@@ -67,21 +68,48 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
         hits = [r for r in reached if r is not None]
         best = [max(v for _, v in p) if higher_is_better else min(v for _, v in p) for p in series.values()]
         final_mean, final_std = mean_std(finals[label])
-        final_stats[label] = (final_mean, final_std)
+        final_stats[label] = (final_mean, final_std, len(series))  # the figure says n = 1 for one run
         mean_curves[label] = mean_curve(list(series.values()))
         first = next(iter(members.values()))
         rows.append({"group": label, **{k: first.data.params.get(k) for k in varied},
                      "num_runs": len(series),
                      "seeds": ",".join(sorted((members[i].data.params.get("seed", "?") for i in series), key=str)),
-                     f"final_{metric}_mean": final_mean, f"final_{metric}_std": final_std,
+                     f"final_{metric}_mean": final_mean,
+                     f"final_{metric}_std": final_std if len(series) > 1 else math.nan,
                      f"final_{metric}_ci95": ci95_half_width(finals[label]),
                      f"best_{metric}_mean": float(np.mean(best)),
                      "rounds_to_target_mean": float(np.mean(hits)) if hits else math.nan,
                      "reached_target": f"{len(hits)}/{len(reached)}"})
     table = pandas.DataFrame(rows)
     table.attrs.update(metric=metric, target=target)
-    figure = comparison_figure(mean_curves, final_stats, metric, target)
+    figure = comparison_figure(mean_curves, final_stats, metric, target, title=shared_title(runs, varied))
     return Comparison(table, figure, metric, float(target), varied, curves)
+
+
+#: The config keys that change what `plots.partition_title` says (the data, its split, the clients).
+_TITLE_KEYS = ("data.", "partition.", "federation.num_clients")
+
+
+def shared_title(runs: Sequence, varied: Sequence[str]) -> str:
+    """What every compared run has in common, as `plots.partition_title` writes it but without the seed
+    (groups average over seeds): `synthetic(alpha=1, beta=1) · natural · 30 clients`, the scheme the runs
+    used (`resolved_partition_scheme` where they logged it). Empty when the runs differ in one of those
+    keys (each group's label says how), or their params do not describe them."""
+    if not runs or any(key.startswith(_TITLE_KEYS) for key in varied):
+        return ""
+    params = runs[0].data.params
+    keys = [k.key for k in knobs() if k.key.startswith("partition.") or k.key in ("data.alpha", "data.beta")]
+    shown = {k: params[k] for k in keys if k in params}  # not the `partition.stat.*` params beside them
+    if params.get("resolved_partition_scheme"):
+        shown["partition.scheme"] = params["resolved_partition_scheme"]
+    try:
+        # only these keys: a model or dataset registered in another session need not be registered here
+        config = ExperimentConfig().with_overrides(shown)
+        title = partition_title(config, dataset=params["data.name"],
+                                num_clients=int(params["federation.num_clients"]))
+    except (KeyError, ValueError, TypeError):
+        return ""
+    return title.removesuffix(f" · seed {config.seed}")
 
 
 def finished_runs(client, experiment: str, sweep_id: str | None = None) -> list:
@@ -150,9 +178,49 @@ def mean_curve(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int]
     return common, [m for m, _ in stats], [s for _, s in stats]
 
 
+#: Columns of the comparison table that count something (runs, rounds): integers print as integers.
+COUNT_COLUMNS = ("num_runs", "rounds_to_target_mean")
+
+
+def format_count(value: float) -> str:
+    """A count, or a mean of counts: `5` where it is a whole number, else at most 2 decimals (`5.5`,
+    `5.33`); `-` for NaN (a target never reached)."""
+    if value != value:
+        return "-"
+    if float(value).is_integer():
+        return f"{value:.0f}"
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 def format_comparison(comparison: Comparison) -> str:
-    """The comparison table as aligned text, with its target stated."""
+    """The comparison table as aligned text, with its target stated: values to 4 decimals, counts as
+    integers where they are whole (`format_count`), and the std and ci95 of a single-run group as `n=1`
+    (one run has no spread; a 0 there would claim a perfectly repeatable result)."""
+    import pandas
+
     table = comparison.table.drop(columns=list(comparison.varied_keys))
-    text = table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
-    better = "<=" if "loss" in comparison.metric else ">="
-    return f"{text}\n(rounds_to_target: first round with {comparison.metric} {better} {comparison.target:.4f})"
+    metric = comparison.metric
+    counts = {*COUNT_COLUMNS, *((f"final_{metric}_mean", f"best_{metric}_mean") if metric.startswith("num_") else ())}
+    single = (table["num_runs"] == 1).to_numpy()
+    spread = {f"final_{metric}_std", f"final_{metric}_ci95"}
+    shown = pandas.DataFrame(index=table.index)
+    for column in table.columns:
+        cells = []
+        for is_single, value in zip(single, table[column]):
+            if column in spread and is_single:
+                cells.append("n=1")
+            elif isinstance(value, str):
+                cells.append(value)
+            elif column in counts:
+                cells.append(format_count(value))
+            else:
+                cells.append("-" if value != value else f"{value:.4f}")
+        shown[column] = cells
+    text = shown.to_string(index=False)
+    better = "<=" if "loss" in metric else ">="
+    notes = [f"(rounds_to_target: first round with {metric} {better} {comparison.target:.4f}, mean over the "
+             "runs that reached it; - = none did)"]
+    if single.any():
+        notes.append("(n=1: a group of one run has no std or ci95; give it more seeds: --seeds 0,1,2, or "
+                     "seeds=[0, 1, 2] in sweep(...))")
+    return "\n".join([text, *notes])

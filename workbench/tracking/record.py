@@ -17,7 +17,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from workbench.partition import describe, partition_hash
-from workbench.plots import partition_heatmap, to_png
+from workbench.plots import partition_heatmap, partition_title, to_png
 from workbench.simulation import Federation, RoundResult
 from workbench.tracking.store import open_client
 
@@ -36,6 +36,24 @@ _PART_NAME = re.compile(r"s(\d+)-(\d+)-(\d+)rows\.csv")
 CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "num_steps", "is_partial",
                   "is_malicious", "local_train_loss", "update_norm", "drift", "train_loss", "test_accuracy")
 PARTITION_DIR = "partition"
+#: The partition's one-value statistics (`partition.summarize`) are params `partition.stat.<name>`, not
+#: metrics: a metric is what a round measures, and one-value metrics at step 0 crowd the MLflow UI's charts
+#: and its compare view. `partition/summary.json` holds the same numbers.
+PARTITION_STAT_PREFIX = "partition.stat."
+
+
+def partition_stat_params(stats: dict[str, float]) -> dict[str, str]:
+    """The params that record a partition's statistics: whole numbers without ".0", others exact
+    (`repr`, so that `float` reads back the same number)."""
+    return {f"{PARTITION_STAT_PREFIX}{key}": _number_text(value) for key, value in stats.items()}
+
+
+def logged_partition_stats(params: dict[str, str]) -> dict[str, float]:
+    """A run's partition statistics from its params (`run.data.params`), keyed as `partition.summarize`
+    keys them; empty for a run that logged none (or, before they were params, logged them as
+    `partition_*` metrics: read those from `run.data.metrics`)."""
+    return {key.removeprefix(PARTITION_STAT_PREFIX): float(value) for key, value in params.items()
+            if key.startswith(PARTITION_STAT_PREFIX)}
 
 
 def client_rows(result: RoundResult) -> list[list[Any]]:
@@ -115,9 +133,12 @@ def load_client_table(run_id: str, tracking_uri: str | None = None):
 
 
 def _cell(value: float | None) -> str:
-    if value is None:
-        return ""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(float(value))
+    return "" if value is None else _number_text(value)
+
+
+def _number_text(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> None:
@@ -128,7 +149,7 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
     stats = describe(labels, federation.clients, federation.dataset.num_classes)
     tests = federation.client_tests
     test_sizes = tests.sizes if tests is not None else np.zeros(len(federation.clients), np.int64)
-    summary = {"scheme": federation.config.partition.scheme, "partition_hash": partition_hash(federation.clients),
+    summary = {"scheme": federation.partition_scheme, "partition_hash": partition_hash(federation.clients),
                "client_test_rule": tests.rule if tests is not None else "none", **stats.summary()}
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "summary.json").write_text(json.dumps(summary, indent=2))
@@ -142,21 +163,23 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
         np.savez_compressed(Path(folder, "clients.npz"), indices=joined, sizes=sizes,
                             test_indices=tests.flat if tests is not None else np.zeros(0, np.int64),
                             test_sizes=test_sizes)
-        Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts))
+        title = partition_title(federation.config, dataset=federation.dataset.name,
+                                num_clients=len(federation.clients))
+        Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts, title))
         client.log_artifacts(run_id, folder, PARTITION_DIR)
 
 
 @functools.lru_cache(maxsize=8)
-def _heatmap_png_cached(counts_bytes: bytes, shape: tuple[int, int]) -> bytes:
+def _heatmap_png_cached(counts_bytes: bytes, shape: tuple[int, int], title: str) -> bytes:
     counts = np.frombuffer(counts_bytes, dtype=np.int64).reshape(shape)
-    return to_png(partition_heatmap(counts), dpi=100)
+    return to_png(partition_heatmap(counts, title=f"client x class samples\n{title}"), dpi=100)
 
 
-def _heatmap_png(counts: np.ndarray) -> bytes:
+def _heatmap_png(counts: np.ndarray, title: str) -> bytes:
     """The partition heatmap as PNG, drawn once per partition in a session: the runs of a comparison or
     a sweep usually share their partition, and drawing it takes longer than several rounds."""
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    return _heatmap_png_cached(counts.tobytes(), counts.shape)
+    return _heatmap_png_cached(counts.tobytes(), counts.shape, title)
 
 
 def load_partition(run_id: str, tracking_uri: str | None = None, split: str = "train") -> list[np.ndarray]:

@@ -1,13 +1,15 @@
-"""Where runs are stored and how to reach them: the tracking URI, the local state folder, and read-only queries
-over logged runs."""
+"""Where runs are stored and how to reach them: the tracking URI, the experiment (and how the MLflow UI shows
+it), the local state folder, and read-only queries over logged runs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -52,6 +54,78 @@ def local_store_uri(folder: str | Path) -> str:
 def ui_command(tracking_uri: str) -> str:
     """The one command that opens the MLflow UI on this store."""
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+# ----- how the MLflow UI shows an experiment -----
+
+#: The experiment tag that says what kind of work an experiment holds. MLflow UIs that read it open a
+#: `custom_model_development` experiment on its runs ("Model training"), not on traces (GenAI).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: MLflow 3.17's UI ignores that tag for its navigation: a browser-wide switch ("GenAI" | "Model training",
+#: GenAI until the user flips it) picks the view, unless the page's URL says `workflowType=machine_learning`.
+WORKFLOW_PARAM = "workflowType=machine_learning"
+#: The runs-table columns of a workbench experiment: the key per-round metrics, the knobs that tell runs
+#: apart, and MLflow's Dataset column. The UI's own default (Source, Models, Dataset) shows no metric, and
+#: nothing on an experiment changes that default; a saved view ("Views" above the runs table) does.
+KEY_METRICS = ("test_accuracy", "test_loss", "train_loss", "client_accuracy_p10")
+VIEW_PARAMS = ("strategy.name", "resolved_partition_scheme", "partition.alpha")
+#: The saved view, stored as MLflow's UI stores one: the experiment tag `mlflow.sharedViewState.<id>`
+#: holding {name, createdAt, updatedAt, state}, `state` the view's JSON. `ui_url` opens it.
+RUNS_VIEW_ID = "fl-workbench"
+RUNS_VIEW_NAME = "FL runs: key metrics"
+_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+#: pixels, so that these columns' names and a float's digits are not cut short
+_VIEW_WIDTHS = {"attributes.`Run Name`": 230, "metrics.`test_accuracy`": 160, "metrics.`test_loss`": 160,
+                "metrics.`train_loss`": 160, "metrics.`client_accuracy_p10`": 160, "params.`strategy.name`": 125,
+                "params.`partition.scheme`": 140, "params.`partition.alpha`": 130}
+
+
+def runs_view_columns() -> list[str]:
+    """The saved view's columns, named as the MLflow UI names them: attributes.`Dataset`, metrics.`<key>`,
+    params.`<key>`."""
+    return (["attributes.`Dataset`"] + [f"metrics.`{m}`" for m in KEY_METRICS]
+            + [f"params.`{p}`" for p in VIEW_PARAMS])
+
+
+def runs_view_order() -> list[str]:
+    """The saved view's column order (the UI would sort the metric columns by name)."""
+    return (["attributes.`Run Name`", "runDateAndNestInfo"] + [f"metrics.`{m}`" for m in KEY_METRICS]
+            + [f"params.`{p}`" for p in VIEW_PARAMS] + ["attributes.`Dataset`", "duration"])
+
+
+def experiment_ui_tags(now_ms: int | None = None) -> dict[str, str]:
+    """The experiment tags that make the MLflow UI show a workbench experiment as training runs with its
+    key metrics as columns (`EXPERIMENT_KIND_TAG`, the saved view `RUNS_VIEW_ID`)."""
+    now_ms = _now_ms() if now_ms is None else now_ms
+    view = {"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms,
+            "state": json.dumps({"selectedColumns": runs_view_columns(), "columnOrder": runs_view_order(),
+                                 "columnWidths": dict(_VIEW_WIDTHS)})}
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, f"{_VIEW_TAG_PREFIX}{RUNS_VIEW_ID}": json.dumps(view)}
+
+
+def ui_url(experiment_id: str, run_ids: str | Sequence[str] = (),
+           base_url: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's page of an experiment's runs (in the saved view: key metrics as columns), of one run,
+    or comparing several, in its "Model training" view whatever the browser's GenAI | Model training switch
+    says (`ui_command` starts the UI at the default `base_url`)."""
+    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    base = base_url.rstrip("/")
+    if len(run_ids) > 1:
+        runs = urllib.parse.quote(json.dumps(run_ids, separators=(",", ":")))
+        experiments = urllib.parse.quote(json.dumps([str(experiment_id)]))
+        return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}&{WORKFLOW_PARAM}"
+    if run_ids:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_ids[0]}?{WORKFLOW_PARAM}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{WORKFLOW_PARAM}&viewStateShareKey={RUNS_VIEW_ID}"
+
+
+def experiment_url(experiment: str, tracking_uri: str | None = None, base_url: str = "http://127.0.0.1:5000") -> str:
+    """`ui_url` of the experiment called `experiment` (its runs, key metrics as columns, "Model training")."""
+    found = open_client(tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri or default_tracking_uri()}")
+    return ui_url(found.experiment_id, base_url=base_url)
 
 
 #: The URI schemes of MLflow's SQLAlchemy store (opened by this process: `_opened_stores`).
@@ -133,10 +207,14 @@ def _quiet_store_setup() -> Iterator[None]:
 
 
 def get_or_create_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
-    """The id of the experiment `name`, created when missing; safe when many processes call it at once."""
+    """The id of the experiment `name`, created when missing; safe when many processes call it at once.
+
+    The experiment carries `experiment_ui_tags` (created with them; an existing one gets those it lacks,
+    never a tag it has changed), so that the MLflow UI shows it as training runs with its key metrics."""
     with _store_lock(tracking_uri):  # on SQLite no two workbench processes even try to create it together
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
+            _add_missing_tags(client, experiment.experiment_id, dict(experiment.tags))
             return experiment.experiment_id
         artifact_location = None
         if tracking_uri.startswith("sqlite:///"):
@@ -145,14 +223,29 @@ def get_or_create_experiment(client: MlflowClient, tracking_uri: str, name: str)
             folder = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
             artifact_location = (folder / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=experiment_ui_tags())
         except MlflowException as err:
             # Another process (a server's other client, or one that does not take the lock) created it
             # between the lookup and the creation: take that one.
             experiment = client.get_experiment_by_name(name) if _is_already_exists(err) else None
             if experiment is None:
                 raise
+            _add_missing_tags(client, experiment.experiment_id, dict(experiment.tags))
             return experiment.experiment_id
+
+
+def _add_missing_tags(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> None:
+    """Set the `experiment_ui_tags` that an experiment lacks (one that has a tag keeps its value: a user may
+    have chosen another kind, or edited the view)."""
+    for key, value in experiment_ui_tags().items():
+        if key in tags:
+            continue
+        try:
+            client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException:
+            # another process set it at the same moment (a server's store may refuse the second insert)
+            if key not in client.get_experiment(experiment_id).tags:
+                raise
 
 
 def _is_already_exists(err: MlflowException) -> bool:

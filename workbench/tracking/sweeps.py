@@ -30,13 +30,17 @@ class Sweep:
 def sweep_configs(base: ExperimentConfig, grid: Mapping[str, Sequence[Any]],
                   seeds: Sequence[int]) -> list[tuple[str, ExperimentConfig]]:
     """(group label, config) for every grid point × seed, all validated before anything runs."""
+    # The command line's flags and the Python arguments, both: this is the boundary of each.
     if "seed" in grid:
-        raise ValueError("--grid seed=... is not a grid key: list seeds with --seeds 0,1,2")
+        raise ValueError("seed cannot be a grid key (--grid seed=..., or grid={'seed': ...}): list the seeds "
+                         "apart, with --seeds 0,1,2 on the command line or seeds=[0, 1, 2] in sweep(...)")
     for key, values in grid.items():
         if not values:
-            raise ValueError(f"--grid {key}= has no values (write --grid {key}=v1,v2)")
+            raise ValueError(f"grid key {key} has no values (write --grid {key}=v1,v2 on the command line, "
+                             f"or grid={{{key!r}: [v1, v2]}} in sweep(...))")
     if not seeds:
-        raise ValueError("--seeds has no values (write --seeds 0,1,2)")
+        raise ValueError("no seeds given (write --seeds 0,1,2 on the command line, or seeds=[0, 1, 2] in "
+                         "sweep(...))")
     points = []
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))

@@ -72,7 +72,10 @@ def build_control(knob: Knob, value: Any) -> widgets.ValueWidget:
     common = dict(description=knob.key.rpartition(".")[2], tooltip=tooltip,
                   style={"description_width": "125px"}, layout=widgets.Layout(width="285px"))
     if knob.choices is not None:
-        return widgets.Dropdown(options=list(knob.choices), value=value, **common)
+        options = list(knob.choices)
+        if knob.registry and value not in options:  # a `module:Name` path the config accepted
+            options.append(value)
+        return widgets.Dropdown(options=options, value=value, **common)
     if knob.type is bool:
         return widgets.Checkbox(value=value, indent=False, **common)
     if knob.type is int:
@@ -417,14 +420,10 @@ class ExperimentPanel(widgets.VBox):
 
 def mlflow_link_html(tracking_uri: str, experiment_id: str | None, run_ids: Sequence[str],
                      ui_url: str = "http://127.0.0.1:5000") -> str:
-    """Where runs are in the MLflow UI: the link (once the UI runs) and the command that starts it."""
-    if len(run_ids) == 1:
-        url = f"{ui_url}/#/experiments/{experiment_id}/runs/{run_ids[0]}"
-        label = f"MLflow run {run_ids[0][:8]}"
-    else:
-        ids = ",".join(f'"{r}"' for r in run_ids)
-        url = f"{ui_url}/#/compare-runs?runs=[{ids}]&experiments=[\"{experiment_id}\"]"
-        label = f"compare {len(run_ids)} runs in MLflow"
+    """Where runs are in the MLflow UI (its "Model training" view: `tracking.ui_url`): the link, once the UI
+    runs, and the command that starts it."""
+    url = tracking.ui_url(experiment_id, list(run_ids), ui_url)
+    label = f"MLflow run {run_ids[0]}" if len(run_ids) == 1 else f"compare {len(run_ids)} runs in MLflow"
     return (f'<a href="{html.escape(url)}" target="_blank">{label}</a> '
             f'<span style="color:#666">(UI: <code>{html.escape(tracking.ui_command(tracking_uri))}</code>)</span>')
 

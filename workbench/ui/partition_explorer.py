@@ -46,7 +46,9 @@ class PartitionExplorer:
     stream a run uses, so the picture is the partition a run of `self.config` trains on) and redraws.
 
     After each update: `config`, `clients`, `stats` (a `PartitionStats`), `summary`, `partition_hash`,
-    `error` (the message shown when the settings are infeasible, else "") and `last_update_s`.
+    `error` (the message shown when the settings are infeasible, else ""), `last_update_s`, and the figures
+    shown: `overview_figure` (titled by `plots.partition_title`) and `preview_figure` (feature skews only,
+    else None).
     """
 
     def __init__(self, config: ExperimentConfig | None = None, *, max_clients_shown: int = 100,
@@ -62,7 +64,8 @@ class PartitionExplorer:
         self.partition_hash = ""
         self.error = ""
         self.last_update_s = 0.0
-        self._overview: Figure | None = None
+        self.overview_figure: Figure | None = None
+        self.preview_figure: Figure | None = None
         known = {k.key: k for k in knobs()}
         self.controls: dict[str, widgets.Widget] = {
             key: _control(known[key], _value(self.config, key), **options) for key, options in CONTROLS.items()
@@ -117,15 +120,16 @@ class PartitionExplorer:
         self.stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes)
         self.summary = self.stats.summary()
         self.partition_hash = partition_hash(clients)
-        title = f"{dataset.name}: {config.partition.scheme}, {len(clients)} clients, seed {config.seed}"
-        if self._overview is None:
-            self._overview = plots.partition_overview(self.stats.counts, title=title,
-                                                      max_clients=self.max_clients_shown)
+        title = plots.partition_title(config.with_resolved_partition(dataset.has_natural_clients),
+                                      dataset=dataset.name, num_clients=len(clients))
+        if self.overview_figure is None:
+            self.overview_figure = plots.partition_overview(self.stats.counts, title=title,
+                                                            max_clients=self.max_clients_shown)
         else:  # redraw onto the same figure: the same picture, reusing its axes and ticks
-            self._overview = plots.update_overview(self._overview, self.stats.counts, title=title,
-                                                   max_clients=self.max_clients_shown)
-        self.figure.value = plots.to_png(self._overview)
-        self._update_preview(config, dataset, clients)
+            self.overview_figure = plots.update_overview(self.overview_figure, self.stats.counts, title=title,
+                                                         max_clients=self.max_clients_shown)
+        self.figure.value = plots.to_png(self.overview_figure)
+        self._update_preview(config, dataset, clients, title)
         self.table.value = _stats_table(self.summary)
         self.last_update_s = time.perf_counter() - started
         self.status.value = (f"{len(dataset.y_train):,} samples, {len(clients)} clients, partition hash "
@@ -145,15 +149,17 @@ class PartitionExplorer:
         for key, control in self.controls.items():
             control.disabled = key.startswith("partition.") and key != "partition.scheme" and key not in used
 
-    def _update_preview(self, config: ExperimentConfig, dataset: Dataset, clients: list[np.ndarray]) -> None:
+    def _update_preview(self, config: ExperimentConfig, dataset: Dataset, clients: list[np.ndarray],
+                        title: str) -> None:
         if config.partition.scheme not in FEATURE_SKEWS:
             self.preview.layout.display = "none"
+            self.preview_figure = None
             return
         shown, views = skew_preview(dataset.x_train[0], len(clients), config.partition,
                                     stream(config.seed, STREAM_PARTITION, 1), PREVIEW_CLIENTS)
-        figure = plots.feature_skew_preview(views.numpy(), [f"client {i}" for i in shown],
-                                            title=f"{config.partition.scheme}: training sample 0 as each client sees it")
-        self.preview.value = plots.to_png(figure)
+        self.preview_figure = plots.feature_skew_preview(views.numpy(), [f"client {i}" for i in shown],
+                                                         title=f"training sample 0 as each client sees it\n{title}")
+        self.preview.value = plots.to_png(self.preview_figure)
         self.preview.layout.display = None
 
 
@@ -185,7 +191,7 @@ def _control(knob: Knob, value: Any, *, log: bool = False, low: float = 0, high:
 
 def _stats_table(summary: dict[str, float]) -> str:
     rows = "".join(
-        f"<tr><td><code>{key}</code></td><td style='text-align:right'>{value:.4g}</td>"
+        f"<tr><td><code>{key}</code></td><td style='text-align:right'>{plots.format_number(value)}</td>"
         f"<td>{html.escape(STAT_DESCRIPTIONS.get(key, ''))}</td></tr>"
         for key, value in summary.items()
     )
