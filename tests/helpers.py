@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,3 +22,18 @@ def stop_process_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def in_float64(federation):
+    """The federation with its model and inputs in float64: executors then agree to rounding (1e-16) however
+    many momentum steps a client takes, so a term one of them forgets cannot hide under float32 noise."""
+    federation.model.double()
+    federation.dataset = dataclasses.replace(federation.dataset, x_train=federation.dataset.x_train.double(),
+                                             x_test=federation.dataset.x_test.double())
+    return federation
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between two states with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import threading
 import warnings
 
 import pytest
 import torch
+from helpers import in_float64, max_diff
 from torch import nn
 
 from workbench.client import LocalObjective, train_locally
@@ -59,11 +59,6 @@ def objective(cfg, mu):
     return LocalObjective(lr=cfg.training.lr, batch_size=cfg.training.batch_size, proximal_mu=mu)
 
 
-def max_diff(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
 CASES = {
     "logreg": {"model.name": "logreg"},
     "mlp": {},
@@ -101,15 +96,6 @@ def test_every_update_agrees_with_sequential(name, case):
 #: straggle, so strategies that drop them still get 3 updates: robust ones need f small enough for that).
 STRATEGY_KNOBS = {"training.momentum": 0.5, "training.weight_decay": 0.001, "strategy.num_byzantine": 0,
                   "strategy.trim_fraction": 0.2, "strategy.noise_multiplier": 0.5, "strategy.clip_norm": 0.5}
-
-
-def in_float64(federation):
-    """The federation with its model and inputs in float64: executors then agree to rounding (1e-16) however
-    many momentum steps a client takes, so a term one of them forgets cannot hide under float32 noise."""
-    federation.model.double()
-    federation.dataset = dataclasses.replace(federation.dataset, x_train=federation.dataset.x_train.double(),
-                                             x_test=federation.dataset.x_test.double())
-    return federation
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))

@@ -27,7 +27,7 @@ SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
 ATTACKS = ("sign_flip", "label_flip", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
-EXECUTORS = ("auto", "sequential", "processes", "vectorized")
+EXECUTORS = ("auto", "sequential", "processes", "vectorized", "ray")
 
 
 def knob(
@@ -321,12 +321,23 @@ class ExecutionConfig(_Section):
     _prefix = "execution"
     executor: str = knob("auto", "how a round's clients are computed: sequential = one after another on one "
                          "model (the reference); processes = worker processes of one thread each (CPU); "
-                         "vectorized = all clients at once with stacked weights (GPU); auto = vectorized on "
-                         "a GPU, processes on a multi-core CPU, else sequential", choices=EXECUTORS)
+                         "vectorized = all clients at once with stacked weights (GPU); ray = Ray actors on a local "
+                         "instance or a cluster (pip install 'fl-workbench[ray]'); auto = vectorized on a GPU, "
+                         "processes on a multi-core CPU, else sequential (never ray)", choices=EXECUTORS)
     threads: int = knob(0, "torch intra-op threads of the run's own process (0 = chosen by the executor)",
                         min=0, hint="1 is often fastest for small models on few cores")
     workers: int = knob(0, "worker processes of executor=processes (0 = one per CPU core)", min=0,
                         hint="more workers than cores only adds contention")
+    ray_address: str = knob("", "executor=ray: the Ray cluster to use; empty = start (or reuse) a local instance "
+                            "with this machine's cores; auto or host:port = join a running cluster",
+                            hint="empty for one machine; the head's host:port after `ray start --head`")
+    cpus_per_client: float = knob(1.0, "executor=ray: CPUs each Ray actor reserves (its torch threads: the whole "
+                                  "part, at least 1); actors = min(clients per round, cluster CPUs / this)",
+                                  min=0.0, min_exclusive=True,
+                                  hint="1 is fastest for small models; fractions pack more actors per core")
+    gpus_per_client: float = knob(0.0, "executor=ray: GPUs each Ray actor reserves (0 = CPU only; 0.25 = four "
+                                  "actors share a GPU)", min=0.0,
+                                  hint="0 on CPU-only clusters; a fraction shares one GPU between actors")
 
 
 @dataclass(frozen=True)

@@ -355,8 +355,12 @@ def run(
     config = federation.config
     if strategy_state:
         federation.strategy.load_state_dict(strategy_state)
-    executor = executor or build_executor(config.execution.executor, federation.model,
-                                          workers=config.execution.workers)
+    execution = config.execution
+    executor = executor or build_executor(execution.executor, federation.model, workers=execution.workers,
+                                          ray_address=execution.ray_address,
+                                          cpus_per_client=execution.cpus_per_client,
+                                          gpus_per_client=execution.gpus_per_client,
+                                          clients_per_round=config.federation.clients_per_round)
     executor = check_executor(executor, federation, config.execution.executor)
     warn_if_no_updates(config, federation.strategy)
     federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))

@@ -1,5 +1,6 @@
-"""How a cohort's updates are computed: the sequential reference, client-parallel worker processes, and
-all clients at once with stacked weights (torch.func); `auto` picks the fast one that applies."""
+"""How a cohort's updates are computed: the sequential reference, client-parallel worker processes, all
+clients at once with stacked weights (torch.func), and Ray actors; `auto` picks the fast one that applies
+(never Ray: that one is asked for)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ from workbench.client import ClientTask
 from workbench.execution.base import (Executor, RunStopped, SequentialExecutor, batch_order, check_stop,
                                       default_threads, task_labels)
 from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
-from workbench.execution.processes import (ProcessExecutor, WorkerDied, close_pools, describe_exit, model_payload,
-                                           usable_cpus, user_modules, why_not_sendable)
+from workbench.execution import processes as _processes
+from workbench.execution.processes import (ProcessExecutor, WorkerDied, describe_exit, model_payload, usable_cpus,
+                                           user_modules, why_not_sendable)
+from workbench.execution.ray_executor import RayExecutor, close_ray_pool, ray_pool
 from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, why_not_batchable
 
-EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "vectorized": VectorizedExecutor}
+EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "vectorized": VectorizedExecutor,
+             "ray": RayExecutor}
 
 __all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
-           "VectorizedExecutor", "EXECUTORS", "LocalTrainer", "WorkerDied", "batch_order", "batch_schedule",
+           "VectorizedExecutor", "RayExecutor", "EXECUTORS", "LocalTrainer", "WorkerDied", "batch_order", "batch_schedule",
            "build_executor", "check_stop", "close_pools", "default_threads", "describe_exit", "linear_chain",
-           "model_payload", "resolve_executor", "task_labels", "train_chain_locally", "usable_cpus",
+           "model_payload", "ray_pool", "resolve_executor", "task_labels", "train_chain_locally", "usable_cpus",
            "user_modules", "why_not_batchable", "why_not_sendable"]
+
+
+def close_pools() -> None:
+    """Stop every worker process and Ray actor this session started, and the Ray instance if workbench
+    started it (also run at interpreter exit)."""
+    _processes.close_pools()
+    close_ray_pool()
 
 
 def resolve_executor(name: str, model: nn.Module) -> str:
@@ -66,11 +77,17 @@ def _sendable_or_sequential(name: str, model: nn.Module) -> str:
     return "sequential"
 
 
-def build_executor(name: str, model: nn.Module, *, workers: int = 0) -> Executor:
+def build_executor(name: str, model: nn.Module, *, workers: int = 0, ray_address: str = "",
+                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
+                   clients_per_round: int = 0) -> Executor:
     """The executor called `name` (config key `execution.executor`, `auto` resolved by
     `resolve_executor`), working on copies of `model`; `workers` = processes for `processes`
-    (0 = one per core)."""
+    (0 = one per core); `ray_address`, `cpus_per_client`, `gpus_per_client` for `ray`, whose actor pool
+    is sized for `clients_per_round` (0 = as many actors as the cluster holds)."""
     resolved = resolve_executor(name, model)
     if resolved == "processes":
         return ProcessExecutor(model, workers)
+    if resolved == "ray":
+        return RayExecutor(model, address=ray_address, cpus_per_client=cpus_per_client,
+                           gpus_per_client=gpus_per_client, clients_per_round=clients_per_round)
     return EXECUTORS[resolved](model)
