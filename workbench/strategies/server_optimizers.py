@@ -112,15 +112,16 @@ def momentum_server_update(delta: State, buffer: State, *, beta: float, server_l
 # ----- state helpers -----
 
 
-def _on_device_of(state: State, like: State) -> dict[str, torch.Tensor]:
-    return {k: t.to(like[k].device) for k, t in state.items()}
-
-
-def _check_names(strategy: str, moments: State, delta: State) -> None:
+def _held_moments(strategy: str, moments: State, delta: State) -> dict[str, torch.Tensor] | None:
+    """The moments a strategy holds, on the device of this round's pseudo-gradient; None before its first
+    round. Moments for other tensors than `delta`'s (a checkpoint of another model) are refused."""
+    if not moments:
+        return None
     if set(moments) != set(delta):
         missing, extra = sorted(set(delta) - set(moments)), sorted(set(moments) - set(delta))
         raise ValueError(f"strategy {strategy!r} holds server moments for another model: missing {missing[:3]}, "
                          f"unknown {extra[:3]} (was the checkpoint written for another model.name?)")
+    return {k: t.to(delta[k].device) for k, t in moments.items()}
 
 
 def _check_state_keys(strategy: str, state: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> None:
@@ -166,11 +167,7 @@ class FedAvgM(StrategyBase):
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
         delta = mean_delta(global_state, updates)
-        if self._m:
-            _check_names(self.name, self._m, delta)
-            buffer = _on_device_of(self._m, delta)
-        else:
-            buffer = {k: torch.zeros_like(d) for k, d in delta.items()}
+        buffer = _held_moments(self.name, self._m, delta) or {k: torch.zeros_like(d) for k, d in delta.items()}
         move, self._m = momentum_server_update(delta, buffer, beta=self.server_momentum, server_lr=self.server_lr)
         return apply_delta(global_state, move)
 
@@ -217,11 +214,8 @@ class AdaptiveServerOptimizer(StrategyBase):
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
         delta = mean_delta(global_state, updates)
-        if self._m:
-            _check_names(self.name, self._m, delta)
-            _check_names(self.name, self._v, delta)
-            m, v = _on_device_of(self._m, delta), _on_device_of(self._v, delta)
-        else:
+        m, v = _held_moments(self.name, self._m, delta), _held_moments(self.name, self._v, delta)
+        if m is None:
             m, v = initial_moments(delta, self.tau)
         move, self._m, self._v = adaptive_server_update(delta, m, v, type(self).second_moment, eta=self.adaptive_lr,
                                                         beta1=self.beta1, beta2=self.beta2, tau=self.tau)
