@@ -7,6 +7,10 @@ ratios fast/limit and sequential/fast.
     .venv/bin/python benchmarks/round_speed.py            # the full table (many minutes on 2 cores)
     .venv/bin/python benchmarks/round_speed.py --quick    # 10 clients per round, fewer repeats
 
+With Ray installed (`pip install 'fl-workbench[ray]'`), the Ray executor (one actor of one CPU per core on a
+local instance) runs beside the others; its start-up (ray.init, actors, first round) is printed on its own and a
+third table gives its seconds per round against the processes executor's.
+
 A second table prices the strategies: whole rounds (`simulation.run_round`: plan, train, finish, aggregate,
 measure; no evaluation) of SCAFFOLD and FedAdam against FedAvg's on the same executor, interleaved.
 """
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.config import ExperimentConfig, TrainingConfig
-from workbench.execution import (ClientTask, ProcessExecutor, SequentialExecutor, VectorizedExecutor,
+from workbench.execution import (ClientTask, ProcessExecutor, RayExecutor, SequentialExecutor, VectorizedExecutor,
                                  close_pools, usable_cpus)
 from workbench.models import build_model
 from workbench.simulation import Federation, run_round
@@ -97,6 +101,10 @@ def main() -> None:
     parser.add_argument("--limit-batch", type=int, default=100, help="batch size of the centralized pass")
     parser.add_argument("--strategies", default="fedavg,scaffold,fedadam",
                         help="strategies priced in the second table (the first is the baseline)")
+    parser.add_argument("--only", default="", metavar="LABELS",
+                        help="time only these variants (comma-separated labels, e.g. processes,ray: then only the "
+                             "Ray table is printed)")
+    parser.add_argument("--no-ray", action="store_true", help="leave the Ray executor out even when Ray is installed")
     parser.add_argument("--vectorized-max", type=int, default=10,
                         help="largest cohort for the vectorized executor on CPU (it is slow there)")
     args = parser.parse_args()
@@ -129,6 +137,18 @@ def main() -> None:
               f"{imports:.2f} s); first round {first:.2f} s, next {second:.2f} s; start-up excluding imports "
               f"= ready - boot + first - next = {ready - boot + first - second:.2f} s")
 
+    with_ray = not args.no_ray and ray_installed()
+    if with_ray:
+        started = time.perf_counter()
+        probe = RayExecutor(nets[models[0]], cpus_per_client=1)  # starts the local Ray instance
+        connected = time.perf_counter() - started
+        global_state = {k: v.detach().clone() for k, v in nets[models[0]].state_dict().items()}
+        first = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, OBJECTIVE))
+        second = timed(lambda: probe.run_cohort(global_state, cohort(10, 0), x, y, OBJECTIVE))
+        print(f"# Ray start-up ({models[0]}, 10 clients): ray.init of a local instance {connected:.2f} s; first "
+              f"round (actors start, data and model reach them) {first:.2f} s, next {second:.2f} s; start-up = "
+              f"init + first - next = {connected + first - second:.2f} s")
+
     variants: dict[str, object] = {}
 
     def executors(name):
@@ -141,6 +161,8 @@ def main() -> None:
             if ProcessExecutor(model).uses_kernel:
                 made["processes, no fused kernel"] = (ProcessExecutor(model, use_kernel=False), 1)
         made["vectorized"] = (VectorizedExecutor(model), usable_cpus())
+        if with_ray:
+            made["ray"] = (RayExecutor(model, cpus_per_client=1), 1)
         return made
 
     results: dict[tuple[str, int, str], list[float]] = {}
@@ -155,6 +177,8 @@ def main() -> None:
                         if not (label == "vectorized" and not on_gpu and size > args.vectorized_max)
                         and not (label == "sequential t2" and size > min(sizes))]
                 plan += [(f"limit t{t}", None, t) for t in sorted({1, usable_cpus()})]
+                if args.only:
+                    plan = [step for step in plan if step[0] in args.only.split(",")]
                 shift = rep % len(plan)  # rotate the order each repeat: no variant always runs first
                 for label, executor, threads in plan[shift:] + plan[:shift]:
                     torch.set_num_threads(threads)
@@ -169,6 +193,10 @@ def main() -> None:
                         torch.cuda.synchronize()
                     results.setdefault((name, size, label), []).append(seconds)
                     print(f"  rep {rep + 1} {name:4} {size:3} clients  {label:28} {seconds:8.3f} s", flush=True)
+    if args.only:
+        print_ray_table(results, models, sizes)
+        close_pools()
+        return
     strategy_costs = price_strategies(args, nets, x, y, device, min(sizes), repeats)
 
     print(f"\n# seconds per round, median of {repeats} (load average {os.getloadavg()[0]:.1f} at end); on a shared "
@@ -191,8 +219,33 @@ def main() -> None:
             print(f"| {name} | {size} | {med[seq_label]:.2f} ({seq_label[-2:]}) | {fast:.2f} | {others} | "
                   f"{med[limit_label]:.2f} ({limit_label[-2:]}) | {fast / med[limit_label]:.2f} | "
                   f"{med[seq_label] / fast:.2f} |")
+    if with_ray and not on_gpu:
+        print_ray_table(results, models, sizes)
     print_strategy_table(strategy_costs, args.strategies.split(","))
     close_pools()
+
+
+def print_ray_table(results: dict[tuple[str, int, str], list[float]], models: list[str], sizes: list[int]) -> None:
+    print("\n# the Ray executor against the processes executor (the same workers: one per core, whole clients, "
+          "the fused kernel where it applies), seconds per round: median (min)")
+    print("| model | clients | processes | ray | ray/processes (medians) |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        for size in sizes:
+            runs = {label: v for (n, s, label), v in results.items() if (n, s) == (name, size)}
+            if not {"processes", "ray"} <= set(runs):
+                continue
+            med = {label: statistics.median(v) for label, v in runs.items()}
+            print(f"| {name} | {size} | {med['processes']:.3f} ({min(runs['processes']):.3f}) | {med['ray']:.3f} "
+                  f"({min(runs['ray']):.3f}) | {med['ray'] / med['processes']:.2f} |")
+
+
+def ray_installed() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def benchmark_federation(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,

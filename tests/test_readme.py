@@ -38,11 +38,11 @@ def test_own_model_and_data_example_runs_and_records_both(tmp_path, tracking_uri
     run_id = result.stdout.split("model class Tiny ")[1].split()[0]
     logged = MlflowClient(tracking_uri).get_run(run_id)
     params = logged.data.params
-    assert params["model.name"] == "tiny" and params["data.name"] == "wine"
+    assert params["model.name"] == "tiny" and params["data.name"] == "my_wine"
     assert "__main__" in params["model.source"] and params["model.class"].endswith("Tiny")
     assert params["resolved_executor"] == "processes"  # the notebook-defined class reached the workers
     (dataset,) = logged.inputs.dataset_inputs
-    assert dataset.dataset.name == "wine" and len(dataset.dataset.digest) == 16
+    assert dataset.dataset.name == "my_wine" and len(dataset.dataset.digest) == 16
 
 
 EVERY_EXECUTOR = """
@@ -81,9 +81,9 @@ def test_a_notebook_defined_model_and_dataset_give_the_same_numbers_on_every_exe
         assert abs(got["test_loss"] - reference["test_loss"]) < 1e-5, executor
         assert got["test_accuracy"] == reference["test_accuracy"] and got["class"] == "Tiny"
         logged = client.get_run(got["run_id"])
-        assert logged.data.params["model.name"] == "tiny" and logged.data.params["data.name"] == "wine"
+        assert logged.data.params["model.name"] == "tiny" and logged.data.params["data.name"] == "my_wine"
         assert logged.data.params["resolved_executor"] == ("processes" if executor == "auto" else executor)
-        assert [d.dataset.name for d in logged.inputs.dataset_inputs] == ["wine"]
+        assert [d.dataset.name for d in logged.inputs.dataset_inputs] == ["my_wine"]
     digests = {client.get_run(g["run_id"]).inputs.dataset_inputs[0].dataset.digest for g in results.values()}
     assert len(digests) == 1
     with pytest.raises(ValueError, match=r"workbench\.register_model\('tiny'"):

@@ -608,8 +608,10 @@ def test_metrics_that_overflow_while_the_weights_are_finite_are_reported(tiny_co
 def test_accuracy_spread_by_hand():
     values = [0.0, 0.0, 0.2, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0, 1.0]
     spread = accuracy_spread(dict(enumerate(values)))
-    # p10 of 12 values: position 0.1 x 11 = 1.1 -> 0.0 + 0.1 x (0.2 - 0.0); the median: (0.6 + 0.7) / 2
-    assert spread == pytest.approx({"client_accuracy_min": 0.0, "client_accuracy_p10": 0.02,
+    # p10 of 12 values: position 0.1 x 11 = 1.1 -> 0.0 + 0.1 x (0.2 - 0.0); the median: (0.6 + 0.7) / 2;
+    # the mean: 6.75 / 12
+    assert spread == pytest.approx({"client_accuracy_mean": 0.5625, "client_accuracy_min": 0.0,
+                                    "client_accuracy_p10": 0.02,
                                     "client_accuracy_median": 0.65, "num_clients_at_zero_accuracy": 2})
     assert accuracy_spread({}) == {}
     assert accuracy_spread({3: 0.5})["num_clients_at_zero_accuracy"] == 0

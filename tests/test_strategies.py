@@ -133,7 +133,11 @@ def test_identical_updates_give_that_update_with_shapes_dtypes_and_buffers_kept(
         assert out[key].dtype == value.dtype and out[key].shape == value.shape, key
     assert torch.equal(out["steps"], global_state["steps"])
     delta = out["w"] - global_state["w"]
-    if name in SERVER_OPTIMIZERS:  # a step along the common update, every coordinate the same way
+    if name == "local":  # nothing is averaged: each client keeps its own update as its model
+        assert all(torch.equal(out[k], v) for k, v in global_state.items())
+        assert sorted(strategy.models) == list(range(5))
+        assert all(torch.equal(model[k], same[k]) for model in strategy.models.values() for k in same)
+    elif name in SERVER_OPTIMIZERS:  # a step along the common update, every coordinate the same way
         assert bool((delta > 0).all())
     else:
         assert torch.allclose(out["w"], same["w"], atol=1e-12) and torch.allclose(out["b"], same["b"], atol=1e-12)
@@ -191,3 +195,5 @@ def test_state_round_trips_through_a_checkpoint_file(name, tmp_path):
                                np.random.default_rng(3))
     assert all(torch.equal(expected[k], again[k]) for k in expected)
     assert restored.round_metrics() == strategy.round_metrics()
+    after, restored_after = strategy.state_dict(), restored.state_dict()
+    assert after.keys() == restored_after.keys() and all(torch.equal(after[k], restored_after[k]) for k in after)

@@ -1,5 +1,6 @@
 """Simulated malicious clients: which of a round's sampled clients attack, and what they send instead of an
-honest update (sign flipping with scaling, Gaussian noise; label flipping happens in local training)."""
+honest update (sign flipping with scaling, Gaussian noise; label flipping happens in local training, and only
+where there are classes: `check_attack`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ from workbench.client import ClientUpdate
 from workbench.config import AttackConfig
 
 State = dict[str, torch.Tensor]
+
+
+def check_attack(attack: AttackConfig, task: str, dataset: str) -> None:
+    """Raise ValueError, before any round, for an attack the data cannot have: label flipping trains
+    attackers on the labels C - 1 - y, which needs classes, and a regression's target has none."""
+    if attack.kind == "label_flip" and attack.fraction > 0 and task == "regression":
+        raise ValueError(
+            f"attack.kind='label_flip' trains attackers on the flipped class labels C-1-y, but data.name={dataset} "
+            f"is a regression (task=regression: a continuous target, no classes); use attack.kind=sign_flip "
+            f"(send -scale x the honest update) or attack.kind=gaussian (send noise), or attack.fraction=0")
 
 
 def num_malicious(clients_per_round: int, fraction: float) -> int:

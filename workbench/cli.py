@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -22,9 +23,11 @@ from workbench.data import Dataset, DatasetUnavailableError
 from workbench.partition import STAT_DESCRIPTIONS, describe, partition_hash
 from workbench.simulation import (Callback, Federation, History, RoundResult, load_data, partition_dataset,
                                   prepare, run)
+from workbench.tasks import common_task, headline_metric, summary_metrics
 from workbench.tracking import (MlflowCallback, TrackingUnavailable, check_tracking_uri, compare,
                                 default_tracking_uri, experiment_url, format_comparison, resume, sweep,
                                 sweep_configs, ui_command)
+from workbench.tracking.deploy import register_served_model, served_model_uri
 
 #: The main job: the FedProx paper's hardest synthetic setting, Synthetic(1, 1) with its 30 natural
 #: clients and half of each round's clients straggling, small enough to finish in minutes on 2 cores.
@@ -34,8 +37,12 @@ DEMO_OVERRIDES = {
     "federation.rounds": 40, "federation.straggler_fraction": 0.5, "training.local_epochs": 20,
     "training.batch_size": 10, "training.lr": 0.01, "strategy.mu": 1.0,
 }
-DEMO_METRICS = ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "client_accuracy_median",
-                "client_accuracy_p10", "num_clients_at_zero_accuracy")
+DEMO_METRICS = summary_metrics("classification")
+
+
+def final_metric_names(*finals: dict[str, float]) -> tuple[str, ...]:
+    """What the printed tables list: the summary metrics of the runs' task (`tasks.summary_metrics`)."""
+    return summary_metrics(common_task(finals))
 
 
 class UsageError(Exception):
@@ -144,12 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare_ = commands.add_parser(
         "compare", help="compare an experiment's finished runs, grouped by the config keys they vary")
     compare_.add_argument("--experiment", metavar="NAME", required=True, help="MLflow experiment name")
-    compare_.add_argument("--metric", default="test_accuracy", help="metric to compare (default: %(default)s)")
+    compare_.add_argument("--metric", help="metric to compare (default: the runs' headline metric, "
+                          "test_accuracy, or test_mse for a regression)")
     compare_.add_argument("--target", type=float, metavar="VALUE",
                           help="report rounds to reach this value (default: the weakest group's final mean)")
     compare_.add_argument("--sweep", metavar="PARENT_RUN_ID", help="only the children of this sweep")
     compare_.add_argument("--output", metavar="FILE", help="where to save the figure (default: compare-NAME.png)")
     compare_.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    register_ = commands.add_parser(
+        "register", help="put a finished run's global model (runs:/RUN_ID/model) in the MLflow Model Registry",
+        epilog="serve a run's model: mlflow models serve -m runs:/RUN_ID/model --env-manager local --port 5001")
+    register_.add_argument("run_id", metavar="RUN_ID", help="the finished MLflow run whose global model to register")
+    register_.add_argument("--name", metavar="NAME", required=True,
+                           help="registered model name (created on first use; each registration adds a version)")
+    register_.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     return parser
 
 
@@ -217,7 +232,7 @@ def command_run(args: argparse.Namespace) -> int:
     experiment = args.experiment or "workbench"
     run_id, final = run_experiment(config, args.tracking_uri, experiment, args.quiet)
     print(f"MLflow run id: {run_id} in experiment {experiment!r}")
-    for key in DEMO_METRICS:
+    for key in final_metric_names(final):
         if key in final:
             print(f"  {key:28s} {format_metric(key, final[key])}")
     return 0
@@ -253,22 +268,25 @@ def command_partition(args: argparse.Namespace) -> int:
         dataset, clients = partition_dataset(config, dataset)
     except (ValueError, TypeError, DatasetUnavailableError) as err:
         raise UsageError(str(err)) from err
-    stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes)
+    stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes, task=dataset.task,
+                     num_bins=config.partition.target_bins)
     digest = partition_hash(clients)
     print(f"{dataset.name}, partition.scheme={config.partition.scheme}, {len(clients)} clients, seed {config.seed}")
     print(f"partition_hash {digest}")
     print(format_stats(stats.summary()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = plots.partition_title(config, dataset=dataset.name, num_clients=len(clients))
-    figures = {"overview.png": plots.partition_overview(stats.counts, title=title),
-               "heatmap.png": plots.partition_heatmap(stats.counts, title=f"client x class samples\n{title}"),
+    title = plots.partition_title(config, dataset=dataset.name, num_clients=len(clients), task=dataset.task)
+    rows_are = stats.row_label
+    figures = {"overview.png": plots.partition_overview(stats.counts, title=title, row_label=rows_are),
+               "heatmap.png": plots.partition_heatmap(stats.counts, title=f"client x {rows_are} samples\n{title}",
+                                                      row_label=rows_are),
                "label_bars.png": plots.client_label_bars(stats.counts, title=f"labels per client\n{title}"),
                "sizes.png": plots.client_size_histogram(stats.sizes, title=f"client sizes\n{title}")}
     for name, figure in figures.items():
         figure.savefig(out / name, dpi=100)
     (out / "summary.json").write_text(json.dumps({"partition_hash": digest, **stats.summary()}, indent=2))
-    header = ",".join(["client", *(f"class_{c}" for c in range(dataset.num_classes)), "size"])
+    header = ",".join(["client", *stats.column_names(), "size"])
     rows = np.column_stack([np.arange(len(clients)), stats.counts, stats.sizes])
     np.savetxt(out / "counts.csv", rows, fmt="%d", delimiter=",", header=header, comments="")
     print(f"\nwrote {', '.join([*figures, 'counts.csv', 'summary.json'])} to {out}/")
@@ -301,7 +319,7 @@ def command_resume(args: argparse.Namespace) -> int:
     history = tracked(lambda: args.run_id, call)
     final = history.final()
     print(f"MLflow run id: {args.run_id} (resumed, {history.status})")
-    for key in DEMO_METRICS:
+    for key in final_metric_names(final):
         if key in final:
             print(f"  {key:28s} {format_metric(key, final[key])}")
     return 0
@@ -382,8 +400,23 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_register(args: argparse.Namespace) -> int:
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(tracking_uri)
+        version = register_served_model(args.run_id, args.name, tracking_uri)
+    except (ValueError, TrackingUnavailable) as err:
+        raise UsageError(str(err)) from err
+    print(f"registered {served_model_uri(args.run_id)} as model {version.name!r}, version {version.version}")
+    model_uri = shlex.quote(f"models:/{version.name}/{version.version}")
+    print(f"serve it with:\n  MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow models serve -m {model_uri} "
+          f"--env-manager local --port 5001")
+    return 0
+
+
 COMMANDS = {"run": command_run, "demo": command_demo, "partition": command_partition,
-            "resume": command_resume, "sweep": command_sweep, "compare": command_compare}
+            "resume": command_resume, "sweep": command_sweep, "compare": command_compare,
+            "register": command_register}
 
 
 def format_metric(key: str, value: float) -> str:
@@ -403,7 +436,7 @@ def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) ->
     `load_model` and the UI's search take: a shortened id matches nothing)."""
     headers = {**STRATEGY_TITLES, "fedprox": f"FedProx (mu={mu:g})"}
     rows = [f"{'final metric':30s}" + "".join(f"{headers.get(n, n):>20s}" for n in results)]
-    for key in DEMO_METRICS:
+    for key in final_metric_names(*(final for _, final in results.values())):
         cells = [f"{format_metric(key, final[key]) if key in final else '-':>20s}" for _, final in results.values()]
         rows.append(f"{key:30s}" + "".join(cells))
     rows.append("\nMLflow run ids:")
@@ -412,14 +445,17 @@ def format_table(results: dict[str, tuple[str, dict[str, float]]], mu: float) ->
 
 
 class ProgressBar(Callback):
-    """A tqdm progress bar over rounds, showing the latest test accuracy; its count is the run's round
-    number, so a resumed run's bar goes on from the round it resumed at and ends at R/R."""
+    """A tqdm progress bar over rounds, showing the latest value of the task's headline metric (test
+    accuracy, or test MSE); its count is the run's round number, so a resumed run's bar goes on from the
+    round it resumed at and ends at R/R."""
 
     def __init__(self, label: str = ""):
         self.label = label
         self.bar = None
+        self.headline = "test_accuracy"
 
     def on_run_start(self, federation: Federation) -> None:
+        self.headline, _ = headline_metric(federation.dataset.task)
         done = federation.start_round - 1  # where a resumed run starts (set by `run`)
         self.bar = tqdm(total=federation.config.federation.rounds, initial=done, desc=self.label or "rounds",
                         unit="round")
@@ -428,8 +464,8 @@ class ProgressBar(Callback):
         if self.bar.n != result.round - 1:
             # jump without counting the skipped rounds as progress (tqdm's rate and miniters stay right)
             self.bar.n = self.bar.last_print_n = self.bar.initial = result.round - 1
-        if "test_accuracy" in result.metrics:
-            self.bar.set_postfix(acc=f"{result.metrics['test_accuracy']:.3f}")
+        if self.headline in result.metrics:
+            self.bar.set_postfix({self.headline.removeprefix("test_"): f"{result.metrics[self.headline]:.3f}"})
         self.bar.update(1)
 
     def on_run_end(self, history: History, federation: Federation, error: BaseException | None) -> None:

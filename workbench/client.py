@@ -1,6 +1,6 @@
 """One client's local work: what it is asked to minimize (`LocalObjective`), its assignment in a round
-(`ClientTask`), local SGD with momentum, weight decay, the FedProx proximal term and SCAFFOLD's gradient
-correction (`train_locally`), and what it sends back (`ClientUpdate`, `finish_update`)."""
+(`ClientTask`), local SGD on the task's loss with momentum, weight decay, the FedProx proximal term and
+SCAFFOLD's gradient correction (`train_locally`), and what it sends back (`ClientUpdate`, `finish_update`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from workbench.tasks import training_loss
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -21,7 +22,9 @@ class LocalObjective:
     """Everything that decides a client's local computation, for every client of a round: frozen and
     picklable, so every executor receives the same description and either honours all of it or refuses.
 
-    One local step on parameter w with mini-batch gradient g is (PyTorch's SGD, dampening 0):
+    The loss is the task's (`workbench.tasks.training_loss`: cross-entropy for a classification, mean squared
+    error for a regression). One local step on parameter w with mini-batch gradient g of it is (PyTorch's
+    SGD, dampening 0):
         d = g + weight_decay * w + proximal_mu * (w - w_global) + (c - c_i)
         buf = d on the first step, else momentum * buf + d
         w <- w - lr * buf
@@ -42,6 +45,8 @@ class LocalObjective:
     clip_norm: float = 0.0
     #: > 0: the number of classes C; clients marked `flips_labels` train on C - 1 - y (an attack)
     num_classes: int = 0
+    #: the dataset's task (`Dataset.task`), which decides the loss: `simulation.local_objective` sets it
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class ClientUpdate:
     state: dict[str, torch.Tensor]
     num_samples: int
     num_epochs: int
-    #: mean cross-entropy of the local mini-batches, over every local step (not the global model's loss)
+    #: mean loss (the task's) of the local mini-batches, over every local step (not the global model's loss)
     local_train_loss: float
     is_partial: bool
     #: local SGD steps taken: num_epochs * ceil(num_samples / batch_size)
@@ -148,7 +153,8 @@ def train_locally(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Run `num_epochs` of mini-batch SGD on (x, y) from the global weights, as `objective` describes
     (`correction`: SCAFFOLD's c - c_i per parameter, in `named_parameters` order); return the new weights
-    and the mean training loss over all local steps (cross-entropy, without any added term).
+    and the mean training loss over all local steps (the task's loss, `objective.task`: cross-entropy or
+    mean squared error, without any added term).
 
     `model` is scratch space: its weights are overwritten. The weight-decay, proximal and correction terms
     enter as their exact gradients added to each step's gradient (`step_direction`), which equals
@@ -167,7 +173,7 @@ def train_locally(
         order = torch.randperm(num_samples, generator=generator).to(x.device)
         for start in range(0, num_samples, batch_size):
             batch = order[start:start + batch_size]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
+            loss = training_loss(objective.task, model(x[batch]), y[batch])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for i, (param, grad, anchor) in enumerate(zip(params, grads, anchors)):

@@ -11,8 +11,13 @@ from typing import Any, Mapping, Sequence
 
 from workbench import registry
 
-DATASETS = ("synthetic", "synthetic_iid", "digits", "mnist1d", "fashion_mnist", "mnist", "cifar10")
-MODELS = ("logreg", "mlp", "cnn")
+DATASETS = ("synthetic", "synthetic_iid", "synthetic_regression", "digits", "mnist1d", "mnist1d_seq", "diabetes",
+            "breast_cancer", "wine", "fashion_mnist", "mnist", "cifar10")
+#: `data.scaling`: how the clients' inputs are standardized after partitioning (`workbench.scaling`).
+SCALINGS = ("none", "federated", "local")
+MODELS = ("logreg", "mlp", "cnn", "linear", "tabular_mlp", "cnn1d", "gru", "lstm")
+#: What a dataset's labels are; the loss and the metrics follow it (`Dataset.task`).
+TASKS = ("classification", "regression")
 PARTITION_SCHEMES = ("auto", "iid", "dirichlet", "shards", "classes_per_client", "quantity", "feature_noise",
                      "rotation", "natural", "mixture")
 #: What `partition.scheme=auto` becomes: the dataset's own clients where it has them, else an IID split.
@@ -21,7 +26,7 @@ AUTO_SCHEME_WITH_CLIENTS, AUTO_SCHEME_WITHOUT_CLIENTS = "natural", "iid"
 MIXTURE_SKEWS = ("dirichlet", "shards", "classes_per_client", "quantity")
 QUANTITY_DISTRIBUTIONS = ("dirichlet", "lognormal")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova", "median",
-              "trimmed_mean", "krum", "multi_krum", "dp_fedavg")
+              "trimmed_mean", "krum", "multi_krum", "dp_fedavg", "local", "centralized")
 #: Groups of strategies that share knobs (each knob says which strategies use it: `Knob.used_by`).
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
@@ -157,22 +162,33 @@ class _Section:
 @dataclass(frozen=True)
 class DataConfig(_Section):
     _prefix = "data"
-    name: str = knob("synthetic", "dataset: generated (synthetic, synthetic_iid, mnist1d), bundled (digits), "
-                     "torchvision (fashion_mnist, mnist, cifar10), or your own (workbench.register_dataset)",
-                     choices=DATASETS, registry="dataset")
+    name: str = knob("synthetic", "dataset: generated (synthetic, synthetic_iid, synthetic_regression, mnist1d, "
+                     "mnist1d_seq = the same as sequences of 40 steps), bundled (digits; tabular: diabetes = a "
+                     "regression, breast_cancer, wine), torchvision (fashion_mnist, mnist, cifar10), or your own "
+                     "(workbench.register_dataset)", choices=DATASETS, registry="dataset")
     root: str = knob("", "folder for torchvision datasets and your loaders' files; empty = the data cache "
                      "($WORKBENCH_DATA_DIR, else ~/.cache/fl-workbench/data)")
-    alpha: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' models differ (Li et al. 2020)",
+    alpha: float = knob(1.0, "Synthetic(alpha, beta) (synthetic, synthetic_regression): how much the clients' "
+                        "models differ (Li et al. 2020)",
                         min=0.0, hint="0 = same model for all clients; the FedProx paper uses 0, 0.5, 1")
-    beta: float = knob(1.0, "Synthetic(alpha, beta): how much the clients' inputs differ (Li et al. 2020)",
+    beta: float = knob(1.0, "Synthetic(alpha, beta) (synthetic, synthetic_regression): how much the clients' "
+                       "inputs differ (Li et al. 2020)",
                        min=0.0, hint="0 = same input distribution; the FedProx paper uses 0, 0.5, 1")
+    scaling: str = knob("none", "input standardization after partitioning: federated = every client and the test "
+                        "set with the mean and std pooled from the clients' sums, sums of squares and counts; "
+                        "local = each client with its own (a feature skew; the global test set gets the pooled "
+                        "ones); none = as loaded. Run the tabular sets (diabetes, breast_cancer, wine) with "
+                        "federated", choices=SCALINGS)
 
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     _prefix = "model"
-    name: str = knob("logreg", "model: multinomial logistic regression, 2NN MLP (200-200), the CNN of McMahan "
-                     "et al. 2017, or your own (workbench.register_model, or a module path package.module:Name)",
+    name: str = knob("logreg", "model: logreg (multinomial logistic regression), linear (one linear layer: "
+                     "linear regression for a regression task, = logreg for a classification), mlp (the 2NN, "
+                     "200-200), tabular_mlp (64-64, for 10-30 features), cnn (McMahan et al. 2017, images); "
+                     "for sequences (T,) or (T, C): cnn1d (MNIST-1D's CNN), gru, lstm (64 units); or your own "
+                     "(workbench.register_model, or a module path package.module:Name)",
                      choices=MODELS, registry="model")
 
 
@@ -184,6 +200,10 @@ class PartitionConfig(_Section):
                        choices=PARTITION_SCHEMES)
     alpha: float = knob(0.5, "dirichlet label skew: smaller = more skew", min=0.0, min_exclusive=True,
                         hint="smaller alpha = more label skew; try 0.1-1.0")
+    target_bins: int = knob(10, "dirichlet on a continuous target (a regression; unused for a classification): "
+                            "the target is cut into this many quantile bins of the training targets, and each "
+                            "bin is split among clients as a class is", min=1,
+                            hint="10 = deciles; more bins = finer skew with fewer samples per bin")
     shards_per_client: int = knob(2, "shards: label-sorted shards per client (McMahan et al. 2017)", min=1,
                                   hint="McMahan et al. use 2")
     min_size: int = knob(1, "smallest number of training samples any client may hold", min=1,
@@ -338,6 +358,13 @@ class ExecutionConfig(_Section):
     gpus_per_client: float = knob(0.0, "executor=ray: GPUs each Ray actor reserves (0 = CPU only; 0.25 = four "
                                   "actors share a GPU)", min=0.0,
                                   hint="0 on CPU-only clusters; a fraction shares one GPU between actors")
+    on_client_failure: str = knob("fail", "executor=ray: a client update that raises or whose worker dies is "
+                                  "retried once on another worker; if that fails too, fail = end the run FAILED "
+                                  "(resumable), drop = go on without it (the client table says why)",
+                                  choices=("fail", "drop"))
+    round_timeout_s: float = knob(0.0, "executor=ray: seconds a round waits for its clients' updates; clients "
+                                  "not done by then are dropped and logged as timed out (0 = no limit)",
+                                  min=0.0, hint="a few times a normal round's time; 0 waits as long as it takes")
 
 
 @dataclass(frozen=True)

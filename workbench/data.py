@@ -47,6 +47,7 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    #: Classes of a classification (labels int64 in 0..C-1); 0 for a regression.
     num_classes: int
     #: One index array into the train set per real client, for the `natural` partition.
     client_train: list[np.ndarray] | None = None
@@ -55,6 +56,22 @@ class Dataset:
     #: Where the data came from, for the run's record: "workbench built-in", "torchvision:<folder>", or the
     #: registry's origin of a registered dataset ("module <name>", "defined in __main__ (a notebook or script)").
     source: str = ""
+    #: What the labels are (`TASKS`): "classification" (y int64 class indices) or "regression" (y float32 of
+    #: shape (N,), one continuous target; num_classes 0). Loss and metrics follow it.
+    task: str = "classification"
+    #: A regression target presented standardized: (mean, std) it was standardized with (`load_tabular`
+    #: uses the training split's), so a prediction p maps back to the raw target as p * std + mean; None
+    #: where the target is as it came (every classification, generated regression targets).
+    target_scale: tuple[float, float] | None = None
+    #: (mean, std) per flattened input feature that `data.scaling` standardized the inputs with (the
+    #: statistics applied to the global test set: `workbench.scaling.scale_features`), so a new raw input x
+    #: maps to what the model reads as (x - mean) / std; None where the inputs are as loaded.
+    feature_scale: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """What a model for this data outputs per sample: one logit per class, or one value (regression)."""
+        return self.num_classes if self.task == "classification" else 1
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -70,8 +87,9 @@ class Dataset:
         each of x_train, y_train, x_test, y_test as `"<dtype> <shape>;"` (e.g. `"float32 (5, 2);"`, utf-8)
         and its little-endian bytes, then `"num_classes=<C>;"`, then for client_train and client_test
         `"clients=<K>;"` (`"clients=none;"` without) and each client's indices as little-endian int64
-        preceded by their count as int64. The name and source are not part of it: the same data under
-        two names has one digest."""
+        preceded by their count as int64, and last, for a regression only, `"task=regression;"` (so every
+        classification keeps the digest it had before tasks existed). The name and source are not part of
+        it: the same data under two names has one digest."""
         hasher = hashlib.sha256()
         for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
             array = tensor.detach().cpu().numpy()
@@ -84,6 +102,8 @@ class Dataset:
                 indices = np.asarray(indices).astype("<i8")
                 hasher.update(np.array([len(indices)], dtype="<i8"))
                 hasher.update(np.ascontiguousarray(indices))
+        if self.task == "regression":
+            hasher.update(b"task=regression;")
         return hasher.hexdigest()[:16]
 
 
@@ -92,10 +112,14 @@ def load_dataset(config: DataConfig, num_clients: int, rng: np.random.Generator)
     module path `package.module:load`; `num_clients` only matters for generators of natural clients."""
     if config.name in ("synthetic", "synthetic_iid"):
         return make_synthetic(num_clients, config.alpha, config.beta, rng, iid=config.name == "synthetic_iid")
+    if config.name == "synthetic_regression":
+        return make_synthetic_regression(num_clients, config.alpha, config.beta, rng)
     if config.name == "digits":
         return load_digits(rng)
-    if config.name == "mnist1d":
-        return make_mnist1d(rng)
+    if config.name in _TABULAR:
+        return load_tabular(config.name, rng)
+    if config.name in ("mnist1d", "mnist1d_seq"):
+        return make_mnist1d(rng, as_sequence=config.name == "mnist1d_seq")
     if config.name in _TORCHVISION:
         return load_torchvision(config.name, data_root(config.root))
     return load_registered(config.name, num_clients=num_clients, rng=rng, root=data_root(config.root))
@@ -125,34 +149,77 @@ def make_synthetic(
     Sigma_jj = j^-1.2; y = argmax(x W_k + b_k). Synthetic-IID: one W, b ~ N(0, 1) and v_k = 0 for all.
     Each client's samples are split 90/10 into train and test, as in the paper's code.
     """
+    clients = _synthetic_clients(num_clients, alpha, beta, rng, iid=iid, num_features=num_features,
+                                 num_outputs=num_classes)
+    ys = [np.argmax(x @ w + b, axis=1) for x, w, b in clients]
+    return _natural_clients_dataset("synthetic_iid" if iid else "synthetic", [x for x, _, _ in clients], ys,
+                                    num_classes=num_classes, task="classification")
+
+
+#: Standard deviation of the noise on `synthetic_regression`'s targets. A client's signal x . w_k has
+#: variance sum_j E[w_kj^2] Sigma_jj = (1 + u_k^2) * 3.39 for 60 features (std 1.84 at u_k = 0), so the
+#: noise floor is an R^2 of 3.39 / (3.39 + 0.25) = 0.93 for a client's own exact model at u_k = 0.
+SYNTHETIC_REGRESSION_NOISE_STD = 0.5
+
+
+def make_synthetic_regression(
+    num_clients: int, alpha: float, beta: float, rng: np.random.Generator, *, num_features: int = 60,
+    noise_std: float = SYNTHETIC_REGRESSION_NOISE_STD,
+) -> Dataset:
+    """A federated regression in the style of Synthetic(alpha, beta) of Li et al., "Federated Optimization
+    in Heterogeneous Networks", MLSys 2020, §5.1 (appendix C.1): the clients, their sizes and their inputs
+    are drawn exactly as `make_synthetic`'s (u_k ~ N(0, alpha), B_k ~ N(0, beta); w_k, b_k ~ N(u_k, 1);
+    v_k ~ N(B_k, 1); x ~ N(v_k, Sigma), Sigma_jj = j^-1.2), with one output instead of one per class, and
+    the target y = x . w_k + b_k + e, e ~ N(0, noise_std^2) (default `SYNTHETIC_REGRESSION_NOISE_STD`),
+    as it comes (not standardized: alpha and beta set its scale and how it differs between clients; with 30
+    clients its std is about 6.5 for (0, 0), 17 for (0.5, 0.5) and 66 for (1, 1), about 2 within a client).
+    Natural clients, each split 90/10 into train and test; float32 targets of shape (N,).
+    """
+    clients = _synthetic_clients(num_clients, alpha, beta, rng, iid=False, num_features=num_features,
+                                 num_outputs=1)
+    ys = [x @ w[:, 0] + b[0] + rng.normal(0, noise_std, len(x)) for x, w, b in clients]
+    return _natural_clients_dataset("synthetic_regression", [x for x, _, _ in clients], ys, num_classes=0,
+                                    task="regression")
+
+
+def _synthetic_clients(num_clients: int, alpha: float, beta: float, rng: np.random.Generator, *, iid: bool,
+                       num_features: int, num_outputs: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each client's inputs x (n_k, F) and linear model W_k (F, num_outputs), b_k (num_outputs,) of
+    Synthetic(alpha, beta) (`make_synthetic`), drawn from `rng` in the order the paper's code draws them."""
     sizes = rng.lognormal(4, 2, num_clients).astype(int) + 50
     std = np.arange(1, num_features + 1, dtype=np.float64) ** -0.6  # sqrt of Sigma_jj = j^-1.2
-    shared_w = rng.normal(0, 1, (num_features, num_classes))
-    shared_b = rng.normal(0, 1, num_classes)
-    xs_train, ys_train, xs_test, ys_test = [], [], [], []
+    shared_w = rng.normal(0, 1, (num_features, num_outputs))
+    shared_b = rng.normal(0, 1, num_outputs)
+    clients = []
     for size in sizes:
         if iid:
             w, b, v = shared_w, shared_b, np.zeros(num_features)
         else:
             u_k, b_k = rng.normal(0, alpha), rng.normal(0, beta)
-            w = rng.normal(u_k, 1, (num_features, num_classes))
-            b = rng.normal(u_k, 1, num_classes)
+            w = rng.normal(u_k, 1, (num_features, num_outputs))
+            b = rng.normal(u_k, 1, num_outputs)
             v = rng.normal(b_k, 1, num_features)
-        x = rng.normal(v, std, (size, num_features))
-        y = np.argmax(x @ w + b, axis=1)
-        num_train = int(0.9 * size)
-        xs_train.append(x[:num_train]), ys_train.append(y[:num_train])
-        xs_test.append(x[num_train:]), ys_test.append(y[num_train:])
+        clients.append((rng.normal(v, std, (size, num_features)), w, b))
+    return clients
+
+
+def _natural_clients_dataset(name: str, xs: list[np.ndarray], ys: list[np.ndarray], *, num_classes: int,
+                             task: str) -> Dataset:
+    """One dataset of the clients' samples, each client's split 90/10 into train and test, as the FedProx
+    code splits Synthetic(alpha, beta); client k's samples are consecutive in both."""
+    num_train = [int(0.9 * len(y)) for y in ys]
+    label_dtype = torch.long if task == "classification" else torch.float32
     return Dataset(
-        name="synthetic_iid" if iid else "synthetic",
-        x_train=torch.as_tensor(np.concatenate(xs_train), dtype=torch.float32),
-        y_train=torch.as_tensor(np.concatenate(ys_train), dtype=torch.long),
-        x_test=torch.as_tensor(np.concatenate(xs_test), dtype=torch.float32),
-        y_test=torch.as_tensor(np.concatenate(ys_test), dtype=torch.long),
+        name=name,
+        x_train=torch.as_tensor(np.concatenate([x[:n] for x, n in zip(xs, num_train)]), dtype=torch.float32),
+        y_train=torch.as_tensor(np.concatenate([y[:n] for y, n in zip(ys, num_train)]), dtype=label_dtype),
+        x_test=torch.as_tensor(np.concatenate([x[n:] for x, n in zip(xs, num_train)]), dtype=torch.float32),
+        y_test=torch.as_tensor(np.concatenate([y[n:] for y, n in zip(ys, num_train)]), dtype=label_dtype),
         num_classes=num_classes,
-        client_train=_consecutive([len(y) for y in ys_train]),
-        client_test=_consecutive([len(y) for y in ys_test]),
+        client_train=_consecutive(num_train),
+        client_test=_consecutive([len(y) - n for y, n in zip(ys, num_train)]),
         source=BUILTIN_SOURCE,
+        task=task,
     )
 
 
@@ -167,8 +234,11 @@ def load_digits(rng: np.random.Generator, test_fraction: float = 0.2) -> Dataset
     return _from_arrays("digits", x[train], y[train], x[test], y[test], num_classes=10)
 
 
-def make_mnist1d(rng: np.random.Generator, num_samples: int = 5000) -> Dataset:
-    """MNIST-1D (Greydanus 2020), generated offline: 40-point 1-D signals of 10 digit templates."""
+def make_mnist1d(rng: np.random.Generator, num_samples: int = 5000, *, as_sequence: bool = False) -> Dataset:
+    """MNIST-1D (Greydanus, "Scaling down Deep Learning", 2020), generated offline: 40-point 1-D signals of
+    10 digit templates, inputs of shape (40,); `as_sequence` gives the same samples as sequences of 40 time
+    steps of one channel, shape (40, 1) (batch-first, as GRUs, LSTMs and a 1-D CNN after a transpose read
+    them), named mnist1d_seq."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -180,7 +250,65 @@ def make_mnist1d(rng: np.random.Generator, num_samples: int = 5000) -> Dataset:
         data = make_dataset(args)
     finally:
         np.random.set_state(saved)
-    return _from_arrays("mnist1d", data["x"], data["y"], data["x_test"], data["y_test"], num_classes=10)
+    x, x_test = np.asarray(data["x"]), np.asarray(data["x_test"])
+    if as_sequence:
+        x, x_test = x[:, :, None], x_test[:, :, None]
+    return _from_arrays("mnist1d_seq" if as_sequence else "mnist1d", x, data["y"], x_test, data["y_test"],
+                        num_classes=10)
+
+
+#: scikit-learn's bundled tabular sets: name -> (loader in sklearn.datasets, its keyword arguments, task).
+_TABULAR = {
+    "diabetes": ("load_diabetes", {"scaled": False}, "regression"),
+    "breast_cancer": ("load_breast_cancer", {}, "classification"),
+    "wine": ("load_wine", {}, "classification"),
+}
+#: The task (`Dataset.task`) of every built-in dataset, known without loading it (the panel's knobs ask);
+#: a registered dataset's task is known once it is loaded.
+DATASET_TASKS = {**dict.fromkeys(BUILTIN_DATASETS, "classification"), "synthetic_regression": "regression",
+                 **{name: task for name, (_, _, task) in _TABULAR.items()}}
+
+
+def load_tabular(name: str, rng: np.random.Generator, test_fraction: float = 0.2,
+                 *, standardize_target: bool = True) -> Dataset:
+    """One of scikit-learn's bundled tabular datasets, offline, its raw feature values (float32):
+
+    - `diabetes` (Efron et al., "Least Angle Regression", Annals of Statistics 2004): 442 patients, 10
+      features (age, sex, BMI, blood pressure, six blood serum measurements), a regression of disease
+      progression one year after baseline. The features are the raw ones (`load_diabetes(scaled=False)`):
+      scikit-learn's default centres and scales them with statistics of all 442 rows, test rows included,
+      which is pooling no federation can do; standardize them with `data.scaling=federated` instead.
+      The raw target (25..346) puts MSE values in the thousands and makes SGD at lr 0.05, batch 10,
+      diverge for a 200-200 MLP (a linear model still converges, to a test MSE near 3,000), so the
+      target is presented standardized with the training split's mean and (population) std:
+      `Dataset.target_scale` keeps both, and a prediction p is p * std + mean in the raw units.
+      (`standardize_target=False` keeps the raw target.)
+    - `breast_cancer` (Wisconsin diagnostic, Street et al. 1993): 569 patients, 30 features, 2 classes
+      (0 = malignant, 1 = benign).
+    - `wine` (Forina et al., UCI): 178 wines, 13 features, 3 cultivars.
+
+    The test split holds `test_fraction` of the samples drawn with `rng`: stratified by class for a
+    classification (as `load_digits`), a uniform random subset for a regression; both keep the original
+    row order. Features span very different ranges (breast_cancer's from 0.001 to 4,254, wine's proline
+    reaches 1,680): these sets are meant to be run with `data.scaling=federated`.
+    """
+    import sklearn.datasets
+
+    loader, arguments, task = _TABULAR[name]
+    bunch = getattr(sklearn.datasets, loader)(**arguments)
+    x = np.asarray(bunch.data, dtype=np.float64)
+    if task == "classification":
+        y = np.asarray(bunch.target, dtype=np.int64)
+        train, test = _stratified_split(y, test_fraction, rng)
+        return _from_arrays(name, x[train], y[train], x[test], y[test], num_classes=int(y.max()) + 1)
+    y = np.asarray(bunch.target, dtype=np.float64)
+    train, test = _random_split(len(y), test_fraction, rng)
+    target_scale = None
+    if standardize_target:
+        mean, std = float(y[train].mean()), float(y[train].std())
+        y, target_scale = (y - mean) / std, (mean, std)
+    dataset = _from_arrays(name, x[train], y[train], x[test], y[test], num_classes=0, task="regression")
+    return dataclasses.replace(dataset, target_scale=target_scale)
 
 
 _TORCHVISION = {
@@ -242,25 +370,35 @@ def _how_to_get(name: str, root: Path) -> str:
         f"data.name={name}: the {class_name} files are not in {str(root)!r} and the download failed "
         f"(no internet?). To fix: {debian}run once where you are online (the files are kept in {str(root)!r}), "
         f"or copy the torchvision {class_name} folder into {str(root)!r}; offline datasets that need no "
-        "download: synthetic, synthetic_iid, digits, mnist1d"
+        "download: synthetic, synthetic_iid, synthetic_regression, digits, mnist1d, mnist1d_seq, diabetes, "
+        "breast_cancer, wine"
     )
 
 
-def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes: int) -> Dataset:
+def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes: int,
+                 task: str = "classification") -> Dataset:
+    label_dtype = torch.long if task == "classification" else torch.float32
     return Dataset(
         name=name,
         x_train=torch.as_tensor(np.asarray(x_train), dtype=torch.float32),
-        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.long),
+        y_train=torch.as_tensor(np.asarray(y_train), dtype=label_dtype),
         x_test=torch.as_tensor(np.asarray(x_test), dtype=torch.float32),
-        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.long),
+        y_test=torch.as_tensor(np.asarray(y_test), dtype=label_dtype),
         num_classes=num_classes,
         source=BUILTIN_SOURCE,
+        task=task,
     )
 
 
 def _consecutive(sizes: list[int]) -> list[np.ndarray]:
     bounds = np.cumsum([0, *sizes])
     return [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+
+
+def _random_split(num_samples: int, test_fraction: float, rng: np.random.Generator):
+    order = rng.permutation(num_samples)
+    num_test = int(round(test_fraction * num_samples))
+    return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Generator):
@@ -452,8 +590,10 @@ def describe_dataset(dataset: Dataset, name: str | None = None) -> dict[str, str
     """What a run's record says about its data, as the keyword arguments of `mlflow.entities.Dataset`:
     name, digest (`Dataset.digest`), source_type ("local" for a torchvision folder, else "code"), source
     (`Dataset.source`), schema (MLflow's tensor-spec JSON of inputs and labels) and profile (JSON: sample
-    and class counts, input shape, natural clients). Call it on the data as loaded, before a feature skew
-    transforms the training inputs, so the same data has the same digest under every scheme."""
+    and class counts, input shape, natural clients; for a regression also its task and, where the target
+    is standardized, target_mean and target_std: `Dataset.target_scale`). Call it on the data as loaded,
+    before a feature skew or `data.scaling` transforms the inputs, so the same data has the same digest
+    under every scheme and scaling."""
     source = dataset.source or "unknown"
 
     def spec(tensor: torch.Tensor) -> str:
@@ -466,6 +606,10 @@ def describe_dataset(dataset: Dataset, name: str | None = None) -> dict[str, str
         "num_natural_clients": len(dataset.client_train) if dataset.client_train is not None else 0,
         "has_client_test": dataset.client_test is not None,
     }
+    if dataset.task != "classification":  # a classification's profile stays as it was before tasks existed
+        profile["task"] = dataset.task
+    if dataset.target_scale is not None:
+        profile["target_mean"], profile["target_std"] = dataset.target_scale
     return {
         "name": name or dataset.name,
         "digest": dataset.digest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workbench.config import PartitionConfig
+from workbench.config import TASKS, PartitionConfig
 
 #: Schemes whose labels are IID and whose clients differ by their inputs (`apply_feature_skew`).
 FEATURE_SKEWS = ("feature_noise", "rotation")
@@ -25,15 +26,38 @@ SCHEME_KNOBS = {
     "mixture": ("iid_fraction", "mixture_skew"),
 }
 
+#: Schemes that need class labels, refused for a continuous target (`check_task`): what each does with them.
+CLASS_SCHEMES = {"shards": "deals out shards of label-sorted samples",
+                 "classes_per_client": "gives every client exactly k classes"}
 
-def knobs_in_use(config: PartitionConfig) -> set[str]:
-    """The `partition.*` keys that change the partition for `config.scheme` (others are ignored)."""
+
+def knobs_in_use(config: PartitionConfig, task: str = "classification") -> set[str]:
+    """The `partition.*` keys that change the partition for `config.scheme` on data of `task` (others are
+    ignored): `target_bins` only where a Dirichlet label skew meets a continuous target."""
     names = {"min_size", *SCHEME_KNOBS[config.scheme]}
     if config.scheme == "mixture":
         names |= set(SCHEME_KNOBS[config.mixture_skew])
     if "quantity_distribution" in names:
         names.discard("quantity_sigma" if config.quantity_distribution == "dirichlet" else "quantity_alpha")
+    if task == "regression" and "alpha" in names:
+        names.add("target_bins")
     return {f"partition.{name}" for name in names}
+
+
+def check_task(config: PartitionConfig, task: str) -> None:
+    """Raise if `config` cannot split data of `task`: the schemes that need classes (`CLASS_SCHEMES`, also as
+    a mixture's skew) on a continuous target, whose label skew is a Dirichlet over target bins instead."""
+    if _checked_task(task) != "regression":
+        return
+    key, scheme = (("mixture_skew", config.mixture_skew) if config.scheme == "mixture"
+                   else ("scheme", config.scheme))
+    if scheme in CLASS_SCHEMES:
+        raise ValueError(
+            f"partition.{key}={scheme!r} {CLASS_SCHEMES[scheme]}, but this dataset's target is continuous "
+            f"(task=regression), so it has no classes (use partition.{key}=dirichlet, a label skew over "
+            f"partition.target_bins={config.target_bins} quantile bins of the target, or partition.{key}="
+            "quantity for unequal client sizes with IID targets)"
+        )
 
 
 def partition(
@@ -42,14 +66,29 @@ def partition(
     config: PartitionConfig,
     rng: np.random.Generator,
     natural: Sequence[np.ndarray] | None = None,
+    *,
+    task: str = "classification",
 ) -> list[np.ndarray]:
     """Split sample indices `0..len(labels)-1` among `num_clients` by `config.scheme`.
 
     Every sample goes to exactly one client, each client's indices are sorted, and the result depends
     only on the inputs and the state of `rng`. Infeasible settings raise `ValueError` naming the field.
+    `task` is the dataset's (`Dataset.task`): for a regression, `labels` are the continuous targets, a
+    Dirichlet label skew splits their `config.target_bins` quantile bins (`target_bins`, over all of
+    `labels`, also under a mixture) as it splits classes, and the schemes that need classes are refused.
     """
     labels = np.asarray(labels)
     config = config.resolved(has_natural_clients=natural is not None)  # auto: natural where there are clients
+    check_task(config, task)
+    if config.scheme in ("dirichlet", "mixture", *CLASS_SCHEMES):
+        if task == "regression":
+            labels = target_bins(labels, config.target_bins)
+        elif labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+            raise ValueError(
+                f"partition.scheme={config.scheme!r} splits classes, but the labels are not whole numbers, so "
+                "they are no class labels (for a continuous target pass task='regression', the dataset's "
+                "Dataset.task)"
+            )
     if config.scheme == "natural":
         if natural is None:
             raise ValueError(
@@ -277,13 +316,65 @@ def partition_natural(clients: Sequence[np.ndarray], num_samples: int, min_size:
     return parts
 
 
+# ----- continuous targets -----
+
+
+def target_bin_edges(targets: np.ndarray, num_bins: int) -> np.ndarray:
+    """The `num_bins - 1` inner edges of `num_bins` quantile bins of `targets`: e_b is numpy's inverted-CDF
+    quantile `np.quantile(targets, b / num_bins, method="inverted_cdf")`, the sorted target of rank
+    ceil(b n / num_bins) - 1, computed here in integers (b / num_bins in floating point can round up and
+    move an edge by one rank)."""
+    targets = _finite_targets(targets)
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        raise ValueError(f"partition.target_bins must be a whole number >= 1, got {num_bins!r} "
+                         "(10 = deciles; more bins = finer skew with fewer samples per bin)")
+    if len(targets) == 0:
+        raise ValueError("target bins need at least one target, got none")
+    ranks = -(-np.arange(1, num_bins, dtype=np.int64) * len(targets) // num_bins) - 1  # ceil(b n / B) - 1
+    return np.sort(targets)[ranks]
+
+
+def target_bins(targets: np.ndarray, num_bins: int, reference: np.ndarray | None = None) -> np.ndarray:
+    """Continuous targets as class codes 0..num_bins-1: the quantile bin of each, with the edges of
+    `reference` (the training targets; default `targets` itself, `target_bin_edges`).
+
+    Bin b holds the targets in (e_b, e_{b+1}], right edge included; bin 0 everything up to e_1 and the last
+    bin everything above e_{B-1}, so targets outside the reference's range (test targets) fall in the end
+    bins. On distinct targets the bins of the reference differ in size by at most one. Equal targets always
+    share a bin (a tie at an edge goes to the lower one), so under heavy ties some bins hold more and some
+    none. Every scheme that needs classes uses these codes for a regression: the Dirichlet label skew
+    (Hsu et al. 2019) over target bins, the clients' test split, the statistics' counts and heatmap.
+    """
+    targets = _finite_targets(targets)
+    edges = target_bin_edges(targets if reference is None else reference, num_bins)
+    return np.searchsorted(edges, targets, side="left").astype(np.int64)
+
+
+def _checked_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r} (the dataset's Dataset.task)")
+    return task
+
+
+def _finite_targets(targets: np.ndarray) -> np.ndarray:
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(targets)
+    if bad.any():
+        raise ValueError(f"regression targets must be finite numbers, but {int(bad.sum())} of {len(targets)} are "
+                         f"NaN or infinite (the first at index {int(np.argmax(bad))}); drop or impute them "
+                         "before registering the data")
+    return targets
+
+
 # ----- each client's test data -----
 
 
 def partition_test_by_labels(train_labels: np.ndarray, clients: Sequence[np.ndarray], test_labels: np.ndarray,
-                             rng: np.random.Generator) -> list[np.ndarray]:
+                             rng: np.random.Generator, *, task: str = "classification",
+                             num_bins: int = PartitionConfig.target_bins) -> list[np.ndarray]:
     """Each client's test samples, drawn from the held-out pool so that they follow the client's own
-    training labels: one index array into `test_labels` per client, sorted.
+    training labels: one index array into `test_labels` per client, sorted. For a regression (`task`), the
+    labels are the `num_bins` target bins (`target_bins`, with the training targets' edges for both sets).
 
     Every class's test samples (in random order) are dealt out to the clients in proportion to the
     clients' training samples of that class (largest remainder, ties broken at random). A client thus gets
@@ -294,6 +385,9 @@ def partition_test_by_labels(train_labels: np.ndarray, clients: Sequence[np.ndar
     client also holds, rather than no test set. A client none of whose classes occur in the test set gets
     an empty array (no per-client metric can be defined for it).
     """
+    if _checked_task(task) == "regression":
+        train_labels, test_labels = (target_bins(train_labels, num_bins),
+                                     target_bins(test_labels, num_bins, reference=train_labels))
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     num_clients = len(clients)
     if num_clients == 0:
@@ -417,6 +511,9 @@ STAT_DESCRIPTIONS = {
     "label_tv_max": "total variation from the global label distribution, max",
     "label_js_mean": "Jensen-Shannon divergence from the global label distribution (bits), mean",
     "label_js_max": "Jensen-Shannon divergence from the global label distribution (bits), max",
+    "target_w1_mean": "Wasserstein-1 distance of a client's targets from all clients' (target units), mean "
+                      "(0 = same distribution)",
+    "target_w1_max": "Wasserstein-1 distance of a client's targets from all clients' (target units), max",
 }
 
 
@@ -427,18 +524,39 @@ class PartitionStats:
     No earth mover's distance: over class labels, which have no order, Zhao et al. (2018) use a unit
     ground distance, and with it EMD is the L1 distance between the label distributions, exactly 2 x the
     total variation reported here; a second name for the same number would only suggest a second measure.
+
+    For a continuous target (a regression) the ordered values do have a ground distance: `target_w1` holds
+    each client's Wasserstein-1 distance from all clients' targets (`target_wasserstein`), and the summary
+    gives it (mean, max) beside the sizes; the per-bin arrays are over the target bins (`target_bins`).
     """
 
-    counts: np.ndarray              #: client x class sample counts
+    counts: np.ndarray              #: client x class sample counts (regression: client x target bin)
     sizes: np.ndarray               #: samples per client
     tv: np.ndarray                  #: total variation distance from the global label distribution
     js: np.ndarray                  #: Jensen-Shannon divergence (base 2) from the global label distribution
     effective_classes: np.ndarray   #: exp(Shannon entropy) of each client's label distribution
     missing_classes: np.ndarray     #: globally present classes a client has no sample of
+    #: regression only: each client's Wasserstein-1 distance from all clients' targets (NaN for an empty client)
+    target_w1: np.ndarray | None = None
+    #: regression only: the inner edges of the target bins that `counts` counts over (`target_bin_edges`)
+    bin_edges: np.ndarray | None = None
+
+    @property
+    def is_regression(self) -> bool:
+        return self.target_w1 is not None
+
+    @property
+    def row_label(self) -> str:
+        """What a row of `counts.T` is, for figures: "class", or "target bin" for a regression."""
+        return "target bin" if self.is_regression else "class"
+
+    def column_names(self) -> list[str]:
+        """The names of the columns of `counts`, for tables: class_0, ... or target_bin_0, ... (low to high)."""
+        prefix = "target_bin" if self.is_regression else "class"
+        return [f"{prefix}_{c}" for c in range(self.counts.shape[1])]
 
     def summary(self) -> dict[str, float]:
-        present = (self.counts > 0).sum(axis=1)
-        return {
+        sizes = {
             "num_clients": float(len(self.sizes)),
             "num_samples": float(self.sizes.sum()),
             "size_min": float(self.sizes.min()),
@@ -446,6 +564,15 @@ class PartitionStats:
             "size_max": float(self.sizes.max()),
             "size_std": float(self.sizes.std()),
             "size_gini": gini(self.sizes),
+        }
+        if self.target_w1 is not None:
+            defined = self.target_w1[np.isfinite(self.target_w1)]  # an empty client has no distribution
+            return {**sizes,
+                    "target_w1_mean": float(defined.mean()) if len(defined) else math.nan,
+                    "target_w1_max": float(defined.max()) if len(defined) else math.nan}
+        present = (self.counts > 0).sum(axis=1)
+        return {
+            **sizes,
             "classes_per_client_mean": float(present.mean()),
             "classes_missing_mean": float(self.missing_classes.mean()),
             "effective_classes_mean": float(self.effective_classes.mean()),
@@ -457,8 +584,16 @@ class PartitionStats:
         }
 
 
-def describe(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> PartitionStats:
-    """Every heterogeneity measure of a partition, per client."""
+def describe(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int, *,
+             task: str = "classification", num_bins: int = PartitionConfig.target_bins) -> PartitionStats:
+    """Every heterogeneity measure of a partition, per client. For a regression (`task`; `num_classes` is
+    then unused, 0 for a `Dataset`), `labels` are the continuous targets: counts over `num_bins` target bins
+    (`target_bins`, the partition's `partition.target_bins`) and each client's Wasserstein-1 distance."""
+    if _checked_task(task) == "regression":
+        targets = _finite_targets(labels)
+        stats = stats_from_counts(count_matrix(target_bins(targets, num_bins), parts, num_bins))
+        return dataclasses.replace(stats, target_w1=target_wasserstein(targets, parts),
+                                   bin_edges=target_bin_edges(targets, num_bins))
     return stats_from_counts(count_matrix(labels, parts, num_classes))
 
 
@@ -476,9 +611,57 @@ def stats_from_counts(counts: np.ndarray) -> PartitionStats:
     return PartitionStats(counts, sizes, tv, np.clip(js, 0.0, 1.0), np.exp(entropy), missing)
 
 
-def summarize(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:
-    """A few numbers that describe a partition, ready to log."""
-    return describe(labels, parts, num_classes).summary()
+def summarize(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int, *,
+              task: str = "classification", num_bins: int = PartitionConfig.target_bins) -> dict[str, float]:
+    """A few numbers that describe a partition, ready to log (`describe`: the same arguments)."""
+    return describe(labels, parts, num_classes, task=task, num_bins=num_bins).summary()
+
+
+def target_wasserstein(targets: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Each client's Wasserstein-1 distance between the empirical distribution of its targets and that of
+    all clients' targets together (the training set, for a partition); NaN for a client with none.
+
+    Exact, in one dimension: W1 = integral of |F_client(t) - F_all(t)| dt (Vallender 1973, "Calculation of
+    the Wasserstein distance between probability distributions on the line"), a sum over the gaps between
+    consecutive sorted targets, where both CDFs are constant: a client's targets are among all clients', so
+    there are no other breakpoints.
+    """
+    targets = _finite_targets(targets)
+    pieces = [np.asarray(p, dtype=np.int64) for p in parts]
+    sizes = np.array([len(p) for p in pieces], dtype=np.int64)
+    distances = np.full(len(pieces), math.nan)
+    total = int(sizes.sum())
+    if total == 0:
+        return distances
+    pooled = targets[np.concatenate(pieces)]
+    owner = np.repeat(np.arange(len(pieces)), sizes)
+    order = np.argsort(pooled, kind="stable")
+    gaps = np.diff(pooled[order])  # gap g lies between sorted targets g and g + 1, where F_all = (g + 1) / total
+    # Between its j-th and (j+1)-th target (sorted positions p_j < p_{j+1}) client k's CDF is j / n_k, and
+    # |j / n_k - (g + 1) / total| changes sign once on that run of gaps, at g = floor(j total / n_k): each
+    # run is two differences of the prefix sums of gap and (g + 1) / total * gap. O(n log n) for all clients
+    # at once, where one CDF per client over all n targets costs O(n) per client.
+    width = np.concatenate([[0.0], np.cumsum(gaps)])
+    moment = np.concatenate([[0.0], np.cumsum(np.arange(1, total) / total * gaps)])
+    position = np.empty(total, dtype=np.int64)
+    position[order] = np.arange(total)
+    by_client = np.lexsort((position, owner))
+    client, start = owner[by_client], position[by_client]  # each client's sorted positions, client by client
+    first = np.cumsum(sizes) - sizes
+    is_last = np.r_[client[1:] != client[:-1], True]
+    end = np.where(is_last, total - 1, np.r_[start[1:], 0])  # the next target of the same client, or the end
+    present = np.flatnonzero(sizes)
+    # the runs j = 1..n_k start at the client's targets; the run j = 0 goes from position 0 to its first
+    run_client = np.concatenate([client, present])
+    rank = np.concatenate([np.arange(total) - first[client] + 1, np.zeros(len(present), np.int64)])
+    run_start = np.concatenate([start, np.zeros(len(present), np.int64)])
+    run_end = np.concatenate([end, start[first[present]]])
+    share = rank / sizes[run_client]
+    middle = np.clip(rank * total // sizes[run_client], run_start, run_end)
+    below = share * (width[middle] - width[run_start]) - (moment[middle] - moment[run_start])
+    above = (moment[run_end] - moment[middle]) - share * (width[run_end] - width[middle])
+    distances[present] = np.bincount(run_client, weights=below + above, minlength=len(pieces))[present]
+    return distances
 
 
 def count_matrix(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from matplotlib.ticker import Formatter, MaxNLocator
 from workbench.config import ExperimentConfig, PartitionConfig
 # The scheme -> knobs map lives once, beside the partitioners that read the knobs.
 from workbench.partition import SCHEME_KNOBS, knobs_in_use
+from workbench.tasks import client_metric, curve_metrics, metric_goal
 
 
 def learning_curves(
@@ -45,23 +46,33 @@ def learning_curves(
     return figure
 
 
+#: Metrics that live in [0, 1] (their axes show all of it); an error's axis starts at 0.
+_UNIT_INTERVAL_METRICS = ("test_accuracy", "train_accuracy")
+_ERROR_METRICS = ("test_mse", "train_mse", "test_mae", "train_mae")
+
+
 def live_view(
     curves: Mapping[str, Sequence[tuple[int, float]]],
-    client_accuracy: Sequence[tuple[int, Sequence[float]]],
+    client_values: Sequence[tuple[int, Sequence[float]]],
     total_rounds: int,
     title: str = "",
+    *,
+    task: str = "classification",
 ) -> Figure:
-    """A run as it trains: global test accuracy, test loss, and the spread of per-client accuracy.
+    """A run as it trains: the task's two curves (`tasks.curve_metrics`: test accuracy and test loss; test
+    MSE and test R^2 for a regression) and the spread over clients of the task's per-client test metric
+    (`tasks.client_metric`: accuracy, or MSE).
 
-    `curves[metric] = [(round, value), ...]` (test_accuracy, test_loss); `client_accuracy` holds every
-    client's accuracy of each evaluated round. The x axis spans all `total_rounds` from the start, so
-    the plot fills in rather than rescales.
+    `curves[metric] = [(round, value), ...]`; `client_values` holds every client's value of each evaluated
+    round. The x axis spans all `total_rounds` from the start, so the plot fills in rather than rescales.
     """
+    first, second = curve_metrics(task)
+    client_name, _ = client_metric(task)
     # A fixed layout: redrawn after every round, and constrained layout would double the cost of a draw.
     figure = Figure(figsize=(12, 3.3))
     figure.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.8 if title else 0.9, wspace=0.2)
-    acc_ax, loss_ax, spread_ax = figure.subplots(1, 3)
-    for ax, metric, color in ((acc_ax, "test_accuracy", "tab:blue"), (loss_ax, "test_loss", "tab:red")):
+    first_ax, second_ax, spread_ax = figure.subplots(1, 3)
+    for ax, metric, color in ((first_ax, first, "tab:blue"), (second_ax, second, "tab:red")):
         points = curves.get(metric, [])
         if points:
             rounds, values = zip(*points)
@@ -69,8 +80,8 @@ def live_view(
             ax.set_title(f"{metric.replace('_', ' ')}: {values[-1]:.4f}")
         else:
             ax.set_title(metric.replace("_", " "))
-    acc_ax.set_ylim(0, 1)
-    spread = [(r, sorted(v)) for r, v in client_accuracy if len(v)]
+        _bound_axis(ax, metric)
+    spread = [(r, sorted(v)) for r, v in client_values if len(v)]
     if spread:
         import numpy as np
 
@@ -79,10 +90,11 @@ def live_view(
         spread_ax.fill_between(rounds, q[:, 0], q[:, 4], color="tab:green", alpha=0.12, label="min-max")
         spread_ax.fill_between(rounds, q[:, 1], q[:, 3], color="tab:green", alpha=0.3, label="p10-p90")
         spread_ax.plot(rounds, q[:, 2], color="tab:green", label="median")
-        spread_ax.legend(loc="lower right", fontsize="small")
-    spread_ax.set_title("per-client test accuracy")
-    spread_ax.set_ylim(0, 1)
-    for ax in (acc_ax, loss_ax, spread_ax):
+        # the legend where the good end is, out of the way of the bad tail
+        spread_ax.legend(loc="lower right" if metric_goal(client_name) == "max" else "upper right", fontsize="small")
+    spread_ax.set_title(f"per-client {client_name.replace('_', ' ')}")
+    _bound_axis(spread_ax, client_name)
+    for ax in (first_ax, second_ax, spread_ax):
         ax.set_xlim(0.5, max(total_rounds, 2) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
@@ -90,6 +102,14 @@ def live_view(
     if title:
         _suptitle(figure, title, fontsize="medium")
     return figure
+
+
+def _bound_axis(ax, metric: str) -> None:
+    """The whole of [0, 1] for an accuracy; 0 at the bottom for an error."""
+    if metric in _UNIT_INTERVAL_METRICS:
+        ax.set_ylim(0, 1)
+    elif metric in _ERROR_METRICS:
+        ax.set_ylim(bottom=0)
 
 
 def study_grid(
@@ -251,19 +271,21 @@ def tradeoff_figure(x: Sequence[float], y: Sequence[float], y_error: Sequence[fl
 # ----- partitions: client x class counts, as `workbench.partition.count_matrix` returns them -----
 
 
-def partition_title(config: ExperimentConfig, *, dataset: str | None = None, num_clients: int | None = None) -> str:
+def partition_title(config: ExperimentConfig, *, dataset: str | None = None, num_clients: int | None = None,
+                    task: str = "classification") -> str:
     """What a partition's picture shows, in one line: the dataset (Synthetic with its alpha and beta), the
     scheme with the knobs it reads, the number of clients and the seed, e.g.
     `digits · dirichlet(alpha=0.1) · 20 clients · seed 0`.
 
     `dataset` and `num_clients` replace the config's where the caller knows better (a loaded dataset's
-    name; the clients a natural partition really has).
+    name; the clients a natural partition really has); `task` is the dataset's (`Dataset.task`: a
+    regression's Dirichlet skew shows its `target_bins`).
     """
     name = dataset or config.data.name
     if name == "synthetic":
         name = f"synthetic(alpha={config.data.alpha:g}, beta={config.data.beta:g})"
     part = config.partition
-    used = {key.removeprefix("partition.") for key in knobs_in_use(part)}
+    used = {key.removeprefix("partition.") for key in knobs_in_use(part, task)}
     # The scheme's own knobs first (a mixture's skew next), then any other in the config's order.
     order = [*SCHEME_KNOBS[part.scheme], *(f.name for f in dataclasses.fields(PartitionConfig))]
     knobs = sorted(used - {"scheme"}, key=order.index)
@@ -293,11 +315,13 @@ def format_number(value: float) -> str:
     return f"{value:.4g}"
 
 
-def partition_heatmap(counts: np.ndarray, *, title: str = "client x class samples") -> Figure:
+def partition_heatmap(counts: np.ndarray, *, title: str = "client x class samples",
+                      row_label: str = "class") -> Figure:
     """A heatmap of a partition's client x class sample counts (clients across, classes down); say which
-    partition in `title`, e.g. `f"client x class samples\\n{partition_title(config)}"`."""
+    partition in `title`, e.g. `f"client x class samples\\n{partition_title(config)}"`. `row_label` names
+    the rows (`PartitionStats.row_label`: "target bin" for a regression's client x target bin counts)."""
     figure = Figure(figsize=(7, 3.2), layout="constrained")
-    _draw_heatmap(figure, figure.subplots(), counts, title)
+    _draw_heatmap(figure, figure.subplots(), counts, title, row_label)
     return figure
 
 
@@ -317,15 +341,17 @@ def client_size_histogram(sizes: np.ndarray, *, bins: int = 30, title: str = "cl
     return figure
 
 
-def partition_overview(counts: np.ndarray, *, max_clients: int = 100, title: str = "") -> Figure:
+def partition_overview(counts: np.ndarray, *, max_clients: int = 100, title: str = "",
+                       row_label: str = "class") -> Figure:
     """Heatmap, stacked label bars and size histogram of one partition, side by side; `title` says which
-    partition it is (`partition_title(config)`)."""
+    partition it is (`partition_title(config)`), `row_label` what the heatmap's rows are (as for
+    `partition_heatmap`)."""
     counts = np.asarray(counts)
     # Fixed margins instead of a layout engine: half the drawing time, which the explorer redraws live.
     figure = Figure(figsize=(14, 3.6))
     heat, _, _ = figure.subplots(1, 3, width_ratios=[5, 5, 3])
     figure.subplots_adjust(left=0.045, right=0.98, bottom=0.17, top=0.83, wspace=0.42)
-    _draw_heatmap(figure, heat, counts, "client x class samples")
+    _draw_heatmap(figure, heat, counts, f"client x {row_label} samples", row_label)
     # The heatmap's class labels, in each class's bar colour, are the legend (a legend box costs a
     # fifth of the drawing time).
     colors = _class_colors(counts.shape[1])
@@ -343,13 +369,15 @@ def partition_overview(counts: np.ndarray, *, max_clients: int = 100, title: str
     return figure
 
 
-def update_overview(figure: Figure, counts: np.ndarray, *, max_clients: int = 100, title: str = "") -> Figure:
+def update_overview(figure: Figure, counts: np.ndarray, *, max_clients: int = 100, title: str = "",
+                    row_label: str = "class") -> Figure:
     """`partition_overview(counts, ...)` drawn onto a figure that function made, reusing its axes, ticks
     and colour bar: the explorer's fast path (the same picture, about 3x faster to redraw). Returns that
-    figure, or a new one when the number of classes differs."""
+    figure, or a new one when the number of classes (or the `row_label`) differs."""
     counts = np.asarray(counts)
-    if figure.axes[0].images[0].get_array().shape[0] != counts.shape[1]:
-        return partition_overview(counts, max_clients=max_clients, title=title)
+    if (figure.axes[0].images[0].get_array().shape[0] != counts.shape[1]
+            or figure.axes[0].get_ylabel() != row_label):
+        return partition_overview(counts, max_clients=max_clients, title=title, row_label=row_label)
     _fill_overview(figure, counts, max_clients, title)
     return figure
 
@@ -412,7 +440,7 @@ def _class_colors(num_classes: int) -> list:
     return [cmap(c / max(num_classes - 1, 1)) for c in range(num_classes)]
 
 
-def _draw_heatmap(figure: Figure, ax, counts: np.ndarray, title: str) -> None:
+def _draw_heatmap(figure: Figure, ax, counts: np.ndarray, title: str, row_label: str = "class") -> None:
     counts = np.asarray(counts)
     image = ax.imshow(counts.T, aspect="auto", interpolation="nearest", cmap="viridis")
     bar = figure.colorbar(image, ax=ax, label="samples", fraction=0.05, pad=0.02)
@@ -420,7 +448,7 @@ def _draw_heatmap(figure: Figure, ax, counts: np.ndarray, title: str) -> None:
     bar.locator, bar.formatter = _count_locator(), _CountFormatter()
     _count_ticks(ax.xaxis)
     _count_ticks(ax.yaxis)
-    ax.set_ylabel("class")
+    ax.set_ylabel(row_label)
     ax.set_title(title)
     _set_heatmap(ax, counts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -13,18 +14,21 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from workbench.attacks import attack_update, choose_malicious
+from workbench.attacks import attack_update, check_attack, choose_malicious
 from workbench.client import ClientTask, ClientUpdate, LocalObjective, finish_update, torch_generator
 from workbench.config import ExperimentConfig
 from workbench.data import Dataset, describe_dataset, load_dataset
-from workbench.execution import Executor, RunStopped, SequentialExecutor, build_executor, check_stop
+from workbench.execution import (ClientDropped, Executor, RunStopped, SequentialExecutor, build_executor,
+                                 check_stop)
 from workbench.models import build_model, check_model_fits
 from workbench.partition import (FEATURE_SKEWS, apply_feature_skew, check_feature_skew, partition,
                                  partition_test_by_labels, summarize)
+from workbench.scaling import scale_features
 from workbench.strategies import Strategy, build_strategy
+# accuracy_spread: re-exported, where it was before tasks had a module of their own
+from workbench.tasks import accuracy_spread, client_metric, client_spread, sample_scores, set_metrics  # noqa: F401
 from workbench.updates import state_num_bytes, update_statistics
 
 # Independent random streams, one per purpose, so that changing the algorithm (or skipping a
@@ -117,7 +121,7 @@ def partition_clients(config: ExperimentConfig, dataset: Dataset) -> list[np.nda
     num_clients = config.federation.num_clients
     check_feature_skew(config.partition.scheme, dataset.input_shape, f"data.name={dataset.name}")
     clients = partition(dataset.y_train.cpu().numpy(), num_clients, config.partition,
-                        stream(config.seed, STREAM_PARTITION), natural=dataset.client_train)
+                        stream(config.seed, STREAM_PARTITION), natural=dataset.client_train, task=dataset.task)
     if len(clients) != num_clients:
         raise ValueError(
             f"federation.num_clients={num_clients}, but data.name={dataset.name} has {len(clients)} natural "
@@ -150,7 +154,8 @@ def split_client_tests(config: ExperimentConfig, dataset: Dataset,
             return None
         return ClientTestSets([np.asarray(i, dtype=np.int64) for i in dataset.client_test], "natural")
     indices = partition_test_by_labels(dataset.y_train.cpu().numpy(), clients, dataset.y_test.cpu().numpy(),
-                                       stream(config.seed, STREAM_PARTITION, 2))
+                                       stream(config.seed, STREAM_PARTITION, 2), task=dataset.task,
+                                       num_bins=config.partition.target_bins)
     tests = ClientTestSets(indices, "labels")
     if config.partition.scheme in FEATURE_SKEWS:
         # client k's test inputs get client k's transform: lay them out client after client, so that the
@@ -167,13 +172,16 @@ def prepare(config: ExperimentConfig) -> Federation:
     """Load data, partition it and build the model; every user error surfaces here, before any round."""
     device = resolve_device(config.device)
     dataset = load_data(config)
+    check_attack(config.attack, dataset.task, config.data.name)
     data_description = describe_dataset(dataset, config.data.name)
     check_model_fits(config.model.name, dataset.input_shape)
     dataset, clients = partition_dataset(config, dataset)
     client_tests = split_client_tests(config, dataset, clients)
-    stats = summarize(dataset.y_train.numpy(), clients, dataset.num_classes)
+    dataset, client_tests = scale_features(config.data.scaling, dataset, clients, client_tests)
+    stats = summarize(dataset.y_train.numpy(), clients, dataset.num_classes, task=dataset.task,
+                      num_bins=config.partition.target_bins)
     init = torch.Generator().manual_seed(int(stream(config.seed, STREAM_INIT).integers(2**63)))
-    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, init).to(device)
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_outputs, init).to(device)
     dataset = dataclasses.replace(
         dataset, x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
         x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device))
@@ -191,14 +199,25 @@ class RoundResult:
     metrics: dict[str, float]
     sampled: tuple[int, ...]
     stragglers: tuple[int, ...]
-    #: Accuracy of the new global model on each client's own test data (`Federation.client_tests`), in
-    #: evaluation rounds; empty in other rounds and where clients have no test data.
-    client_accuracy: dict[int, float] = field(default_factory=dict)
+    #: The new global model on each client's own test data (`Federation.client_tests`), in evaluation
+    #: rounds: `{client: {metric: value}}`, the task's per-client metric (`tasks.client_metric`:
+    #: test_accuracy, or test_mse for a regression), named as the client table's column; empty in other
+    #: rounds and where clients have no test data.
+    client_test_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     #: For each client that sent an update: num_samples, num_epochs, is_partial, local_train_loss,
     #: update_norm, drift.
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     #: Loss of the new global model on each client's training data, in evaluation rounds.
     client_train_loss: dict[int, float] = field(default_factory=dict)
+    #: Clients whose update did not arrive (executor=ray with execution.on_client_failure=drop, or past
+    #: execution.round_timeout_s): why, as the client table says it.
+    dropped: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def client_accuracy(self) -> dict[int, float]:
+        """Each client's test accuracy (`client_test_metrics`' test_accuracy; empty for a regression)."""
+        return {client: m["test_accuracy"] for client, m in self.client_test_metrics.items()
+                if "test_accuracy" in m}
 
 
 @dataclass
@@ -260,26 +279,43 @@ def num_active_clients(config: ExperimentConfig) -> int:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A model on a set of samples: mean loss and accuracy, and both per sample."""
+    """A model on a set of samples, as its task measures it (`workbench.tasks`): the set's metrics, unprefixed
+    (`tasks.METRICS`: loss and accuracy; loss = mse, mse, mae and r2 for a regression), and the per-sample
+    scores that per-client means are taken of (`tasks.sample_scores`: loss, and correct or prediction)."""
 
-    loss: float
-    accuracy: float
-    losses: torch.Tensor   #: cross-entropy of each sample
-    correct: torch.Tensor  #: whether each sample's prediction is right (bool)
+    task: str
+    metrics: dict[str, float]
+    scores: dict[str, torch.Tensor]
+
+    @property
+    def loss(self) -> float:
+        """The mean of the task's loss: cross-entropy, or the MSE."""
+        return self.metrics["loss"]
+
+    @property
+    def accuracy(self) -> float:
+        """The fraction of correct predictions (a classification only)."""
+        if "accuracy" not in self.metrics:
+            raise AttributeError(f"a {self.task} has no accuracy; its metrics are {', '.join(self.metrics)}")
+        return self.metrics["accuracy"]
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """The task's loss of each sample: cross-entropy, or the squared error."""
+        return self.scores["loss"]
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> Evaluation:
-    """Cross-entropy and accuracy of `model` on (x, y), in eval mode, without gradients."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096, *,
+             task: str = "classification") -> Evaluation:
+    """`model` on (x, y) as `task` measures it (`tasks.sample_scores`, `tasks.set_metrics`), in eval mode,
+    without gradients."""
     model.eval()
-    losses, hits = [], []
+    parts: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
-            logits = model(x[start:start + batch_size])
-            target = y[start:start + batch_size]
-            losses.append(F.cross_entropy(logits, target, reduction="none"))
-            hits.append(logits.argmax(dim=1) == target)
-    per_sample, correct = torch.cat(losses), torch.cat(hits)
-    return Evaluation(float(per_sample.double().mean()), float(correct.double().mean()), per_sample, correct)
+            parts.append(sample_scores(task, model(x[start:start + batch_size]), y[start:start + batch_size]))
+    scores = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
+    return Evaluation(task, set_metrics(task, scores, y), scores)
 
 
 def per_client_means(values: torch.Tensor, indices: Sequence[np.ndarray]) -> dict[int, float]:
@@ -295,26 +331,16 @@ def per_client_means(values: torch.Tensor, indices: Sequence[np.ndarray]) -> dic
 
 def evaluate_clients(model: nn.Module, dataset: Dataset, tests: ClientTestSets,
                      on_test_set: Evaluation) -> dict[int, float]:
-    """Each client's test accuracy on its own test data; `on_test_set` is the model's evaluation on the
-    whole test set, reused where the clients' inputs are the test set's own."""
+    """Each client's test metric of the task (`tasks.client_metric`: its test accuracy, or its test MSE) on
+    its own test data; `on_test_set` is the model's evaluation on the whole test set, reused where the
+    clients' inputs are the test set's own."""
+    _, score = client_metric(on_test_set.task)
     if tests.x is None:
-        return per_client_means(on_test_set.correct, tests.indices)
+        return per_client_means(on_test_set.scores[score], tests.indices)
     flat = torch.as_tensor(tests.flat, device=dataset.y_test.device)
-    skewed = evaluate(model, tests.x, dataset.y_test[flat])
+    skewed = evaluate(model, tests.x, dataset.y_test[flat], task=on_test_set.task)
     blocks = np.split(np.arange(len(flat)), np.cumsum(tests.sizes)[:-1])
-    return per_client_means(skewed.correct, blocks)
-
-
-def accuracy_spread(client_accuracy: Mapping[int, float]) -> dict[str, float]:
-    """The spread of per-client accuracy: min, 10th percentile, median (numpy's linear interpolation),
-    and how many clients are at exactly 0 (which min and p10 alone do not tell)."""
-    if not client_accuracy:
-        return {}
-    values = np.array(list(client_accuracy.values()), dtype=np.float64)
-    return {"client_accuracy_min": float(values.min()),
-            "client_accuracy_p10": float(np.percentile(values, 10)),
-            "client_accuracy_median": float(np.median(values)),
-            "num_clients_at_zero_accuracy": float(np.sum(values == 0.0))}
+    return per_client_means(skewed.scores[score], blocks)
 
 
 @contextmanager
@@ -360,7 +386,9 @@ def run(
                                           ray_address=execution.ray_address,
                                           cpus_per_client=execution.cpus_per_client,
                                           gpus_per_client=execution.gpus_per_client,
-                                          clients_per_round=config.federation.clients_per_round)
+                                          clients_per_round=config.federation.clients_per_round,
+                                          on_client_failure=execution.on_client_failure,
+                                          round_timeout_s=execution.round_timeout_s)
     executor = check_executor(executor, federation, config.execution.executor)
     warn_if_no_updates(config, federation.strategy)
     federation.execution = dict(getattr(executor, "settings", {"executor": type(executor).__name__}))
@@ -399,7 +427,7 @@ def check_executor(executor: Executor, federation: Federation, asked: str) -> Ex
     """`executor`, if it honours the strategy's local objective exactly; else the sequential reference
     when the executor was chosen by `auto`, or `ValueError` with the executor's reason."""
     why_not = getattr(executor, "why_not_supported", None)
-    reason = why_not(federation.strategy.local_objective(federation.config.training, 1)) if why_not else None
+    reason = why_not(local_objective(federation, 1)) if why_not else None
     if reason is None:
         return executor
     if asked == "auto":
@@ -443,6 +471,17 @@ def server_stream(config: ExperimentConfig, round_: int, purpose: int, *keys: in
     return stream(config.seed, STREAM_SERVER, round_, purpose, *keys)
 
 
+def local_objective(federation: Federation, round_: int, *, has_label_flippers: bool = False) -> LocalObjective:
+    """What the clients of round `round_` minimize: the strategy's objective (it knows the training config)
+    with what the data decides, the task's loss (`Dataset.task`) and, where label-flipping attackers take
+    part, the number of classes they flip. Every executor check and every round asks here."""
+    objective = federation.strategy.local_objective(federation.config.training, round_)
+    objective = dataclasses.replace(objective, task=federation.dataset.task)
+    if has_label_flippers:
+        objective = dataclasses.replace(objective, num_classes=federation.dataset.num_classes)
+    return objective
+
+
 def plan_cohort(federation: Federation, round_: int) -> Cohort:
     """Sample the round's clients, its stragglers and attackers; build the tasks the strategy accepts,
     each with its seed and the payload the strategy sends it."""
@@ -451,9 +490,7 @@ def plan_cohort(federation: Federation, round_: int) -> Cohort:
     attack = config.attack
     malicious = (choose_malicious(sampled, attack.fraction, server_stream(config, round_, SERVER_ATTACKERS))
                  if attack.fraction else ())
-    objective = strategy.local_objective(config.training, round_)
-    if attack.kind == "label_flip" and malicious:
-        objective = dataclasses.replace(objective, num_classes=federation.dataset.num_classes)
+    objective = local_objective(federation, round_, has_label_flippers=attack.kind == "label_flip" and bool(malicious))
     global_state = {k: v.detach().clone() for k, v in federation.model.state_dict().items()}
     tasks = []
     for client in (int(c) for c in sampled):
@@ -465,24 +502,48 @@ def plan_cohort(federation: Federation, round_: int) -> Cohort:
             continue  # its update would not be aggregated: don't spend the time
         payload, client_state = strategy.client_payload(client, global_state)
         tasks.append(dataclasses.replace(task, payload=payload, client_state=client_state))
+    tasks = strategy.plan_tasks(tasks)
     return Cohort(round_, tuple(int(c) for c in sampled), stragglers, malicious, objective, tasks, global_state)
 
 
 def train_cohort(federation: Federation, executor: Executor, cohort: Cohort,
-                 stop: threading.Event | None = None) -> list[ClientUpdate]:
+                 stop: threading.Event | None = None,
+                 starts: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                 ) -> tuple[list[ClientUpdate], list[ClientDropped]]:
     """The cohort's updates as the clients send them: trained by the executor, completed by
-    `finish_update` (steps, clipping, control variates), replaced by the attackers' where they attack."""
+    `finish_update` (steps, clipping, control variates), replaced by the attackers' where they attack;
+    and the clients whose update did not arrive (`ClientDropped`, executors that bound failures).
+    `starts`: the model each task starts from (default `start_states`)."""
     data, config = federation.dataset, federation.config
-    trained = executor.run_cohort(cohort.global_state, cohort.tasks, data.x_train, data.y_train, cohort.objective,
-                                  stop)
-    updates = []
-    for task, update in zip(cohort.tasks, trained):
-        update = finish_update(update, task, cohort.objective, cohort.global_state)
+    starts = start_states(federation.strategy, cohort) if starts is None else starts
+    outcomes: list = []
+    for first, last in runs_of_equal(starts):  # one executor call per start model (one: the global model)
+        outcomes += executor.run_cohort(starts[first], cohort.tasks[first:last], data.x_train, data.y_train,
+                                        cohort.objective, stop)
+    updates, dropped = [], []
+    for task, update, start in zip(cohort.tasks, outcomes, starts):
+        if isinstance(update, ClientDropped):
+            dropped.append(update)
+            continue
+        update = finish_update(update, task, cohort.objective, start)
         if task.client in cohort.malicious:
             noise = torch_generator(server_stream(config, cohort.round, SERVER_ATTACK_NOISE, task.client))
             update = attack_update(update, cohort.global_state, config.attack, noise)
         updates.append(update)
-    return updates
+    return updates, dropped
+
+
+def start_states(strategy: Strategy, cohort: Cohort) -> list[Mapping[str, torch.Tensor]]:
+    """The model each task of the cohort starts from (`Strategy.start_state`: the global model, except for
+    the local baseline, whose clients continue their own)."""
+    return [strategy.start_state(task.client, cohort.global_state) for task in cohort.tasks]
+
+
+def runs_of_equal(items: Sequence[object]) -> list[tuple[int, int]]:
+    """[first, last) of each run of consecutive entries that are the same object."""
+    bounds = [i for i in range(1, len(items)) if items[i] is not items[i - 1]]
+    edges = [0, *bounds, len(items)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
 def aggregate_round(federation: Federation, cohort: Cohort, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -496,9 +557,13 @@ def aggregate_round(federation: Federation, cohort: Cohort, updates: Sequence[Cl
 
 
 def measure_updates(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                    malicious: Sequence[int]) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    """Each update's row of the client table, and the round's means over them."""
-    norms, drifts = update_statistics(global_state, [u.state for u in updates], [u.num_samples for u in updates])
+                    malicious: Sequence[int], starts: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+                    ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """Each update's row of the client table, and the round's means over them. An update is measured from
+    the model its client started from: the global model, or `starts[client]` (the local baseline)."""
+    states = [shift_to(u.state, starts[u.client], global_state) if starts and u.client in starts else u.state
+              for u in updates]
+    norms, drifts = update_statistics(global_state, states, [u.num_samples for u in updates])
     client_metrics = {
         u.client: {"num_samples": float(u.num_samples), "num_epochs": float(u.num_epochs),
                    "num_steps": float(u.num_steps), "is_partial": float(u.is_partial),
@@ -515,37 +580,87 @@ def measure_updates(global_state: Mapping[str, torch.Tensor], updates: Sequence[
     return client_metrics, metrics
 
 
+def shift_to(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+             global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """global + (state - start): the same update, measured from the global model."""
+    return {k: global_state[k] + (v - start[k]) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def payload_num_bytes(payload: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
     return sum(state_num_bytes(part) for part in payload.values())
 
 
-def count_bytes(cohort: Cohort, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+def count_bytes(cohort: Cohort, updates: Sequence[ClientUpdate], exchanges_models: bool = True) -> dict[str, float]:
     """Traffic of the round: every sampled client downloads the global model, the clients that train also
     their payload (SCAFFOLD's c); every update used uploads its model and its payload (delta c_i).
-    Client state (c_i) stays on the client and is not traffic."""
+    Client state (c_i) stays on the client and is not traffic. The baselines (`exchanges_models` False)
+    send nothing."""
+    if not exchanges_models:
+        return {"bytes_down": 0.0, "bytes_up": 0.0}
     model_bytes = state_num_bytes(cohort.global_state)
     down = model_bytes * len(cohort.sampled) + sum(payload_num_bytes(t.payload) for t in cohort.tasks)
     up = sum(model_bytes + payload_num_bytes(u.payload) for u in updates)
     return {"bytes_down": float(down), "bytes_up": float(up)}
 
 
-def evaluate_round(federation: Federation) -> tuple[dict[str, float], dict[int, float], dict[int, float]]:
-    """The global model's test and training loss and accuracy, each client's test accuracy (on its own
-    test data) with their spread, and each client's training loss."""
-    data = federation.dataset
-    on_test = evaluate(federation.model, data.x_test, data.y_test)
+def evaluate_round(federation: Federation) -> tuple[dict[str, float], dict[int, dict[str, float]], dict[int, float]]:
+    """The global model's metrics of its task on the test set and on the training data (`test_<name>`,
+    `train_<name>` for each of `tasks.METRICS`: loss and accuracy; loss, mse, mae and r2), each client's
+    test metric on its own test data (`{client: {"test_accuracy" | "test_mse": value}}`) with their spread
+    (`tasks.client_spread`), and each client's training loss."""
+    data, task = federation.dataset, federation.dataset.task
+    own = federation.strategy.client_models(federation.model.state_dict(), range(len(federation.clients)))
+    if own is not None:
+        return evaluate_own_models(federation, own)
+    on_test = evaluate(federation.model, data.x_test, data.y_test, task=task)
     # The global model on every client's training data (as each client holds it), sample-weighted: the
     # training loss the FedProx paper plots (Li et al. 2020, Fig. 1). Each training sample belongs to exactly
     # one client, so this is the mean over the whole training set.
-    on_train = evaluate(federation.model, data.x_train, data.y_train)
-    metrics = dict(test_loss=on_test.loss, test_accuracy=on_test.accuracy,
-                   train_loss=on_train.loss, train_accuracy=on_train.accuracy)
+    on_train = evaluate(federation.model, data.x_train, data.y_train, task=task)
+    metrics = {f"{split}_{name}": value for split, evaluation in (("test", on_test), ("train", on_train))
+               for name, value in evaluation.metrics.items()}
     client_train_loss = per_client_means(on_train.losses, federation.clients)
-    client_accuracy: dict[int, float] = {}
+    client_test: dict[int, dict[str, float]] = {}
     if federation.client_tests is not None:
-        client_accuracy = evaluate_clients(federation.model, data, federation.client_tests, on_test)
-        metrics.update(accuracy_spread(client_accuracy))
-    return metrics, client_accuracy, client_train_loss
+        values = evaluate_clients(federation.model, data, federation.client_tests, on_test)
+        name, _ = client_metric(task)
+        client_test = {client: {name: value} for client, value in values.items()}
+        metrics.update(client_spread(task, values))
+    return metrics, client_test, client_train_loss
+
+
+def evaluate_own_models(federation: Federation, models: Mapping[int, Mapping[str, torch.Tensor]],
+                        ) -> tuple[dict[str, float], dict[int, dict[str, float]], dict[int, float]]:
+    """`evaluate_round` where every client has a model of its own (the local baseline): each client's model
+    on its own test data (the client metric and its spread); `test_<name>` the mean over clients of each
+    client's model on the whole test set (what a typical client's model does for everyone's data);
+    `train_<name>` every training sample scored by its own client's model (so a training set measured as
+    the federation's global model is measured, sample by sample)."""
+    data, task = federation.dataset, federation.dataset.task
+    scratch = copy.deepcopy(federation.model)
+    name, _ = client_metric(task)
+    on_tests, train_parts, client_train_loss, client_test = [], [], {}, {}
+    for client, indices in enumerate(federation.clients):
+        scratch.load_state_dict(models[client])
+        on_test = evaluate(scratch, data.x_test, data.y_test, task=task)
+        on_tests.append(on_test.metrics)
+        rows = torch.as_tensor(indices, device=data.y_train.device)
+        on_train = evaluate(scratch, data.x_train[rows], data.y_train[rows], task=task)
+        train_parts.append(on_train.scores)
+        if len(indices):
+            client_train_loss[client] = float(on_train.losses.double().mean())
+        if federation.client_tests is not None:
+            value = evaluate_clients(scratch, data, federation.client_tests, on_test).get(client)
+            if value is not None:
+                client_test[client] = {name: value}
+    metrics = {f"test_{key}": float(np.mean([m[key] for m in on_tests])) for key in on_tests[0]}
+    train_scores = {key: torch.cat([part[key] for part in train_parts]) for key in train_parts[0]}
+    all_rows = torch.as_tensor(np.concatenate(federation.clients), device=data.y_train.device)
+    metrics.update({f"train_{key}": value
+                    for key, value in set_metrics(task, train_scores, data.y_train[all_rows]).items()})
+    if client_test:
+        metrics.update(client_spread(task, {c: v[name] for c, v in client_test.items()}))
+    return metrics, client_test, client_train_loss
 
 
 def run_round(federation: Federation, executor: Executor, round_: int,
@@ -554,18 +669,21 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     config = federation.config
     started = time.perf_counter()
     cohort = plan_cohort(federation, round_)
-    updates = train_cohort(federation, executor, cohort, stop)
+    starts = start_states(federation.strategy, cohort)  # before aggregation: the local baseline's change
+    updates, dropped = train_cohort(federation, executor, cohort, stop, starts)
     new_state = aggregate_round(federation, cohort, updates)
-    client_metrics, metrics = measure_updates(cohort.global_state, updates, cohort.malicious)
+    own_starts = {t.client: s for t, s in zip(cohort.tasks, starts) if s is not cohort.global_state}
+    client_metrics, metrics = measure_updates(cohort.global_state, updates, cohort.malicious, own_starts)
     federation.model.load_state_dict(new_state)
-    metrics.update(num_stragglers=float(len(cohort.stragglers)), **count_bytes(cohort, updates),
+    metrics.update(num_stragglers=float(len(cohort.stragglers)), num_dropped=float(len(dropped)),
+                   **count_bytes(cohort, updates, federation.strategy.exchanges_models),
                    **federation.strategy.round_metrics())
     if cohort.malicious:
         metrics["num_malicious"] = float(len(cohort.malicious))
-    client_accuracy: dict[int, float] = {}
+    client_test: dict[int, dict[str, float]] = {}
     client_train_loss: dict[int, float] = {}
     if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
-        evaluated, client_accuracy, client_train_loss = evaluate_round(federation)
+        evaluated, client_test, client_train_loss = evaluate_round(federation)
         metrics.update(evaluated)
     metrics["round_time_s"] = time.perf_counter() - started
     if not all(math.isfinite(v) for v in metrics.values()):
@@ -573,5 +691,5 @@ def run_round(federation: Federation, executor: Executor, round_: int,
         raise FloatingPointError(
             f"round {round_} diverged: {bad} (lower training.lr, currently {config.training.lr})"
         )
-    return RoundResult(round_, metrics, cohort.sampled, tuple(cohort.stragglers), client_accuracy,
-                       client_metrics, client_train_loss)
+    return RoundResult(round_, metrics, cohort.sampled, tuple(cohort.stragglers), client_test,
+                       client_metrics, client_train_loss, {d.client: d.description for d in dropped})

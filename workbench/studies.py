@@ -11,13 +11,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import ExperimentConfig
 from workbench.simulation import STREAM_TRAINING, History, prepare, run, stream
 from workbench.plots import tradeoff_figure
+from workbench.tasks import common_task, headline_metric, training_loss
 from workbench.tracking import MlflowCallback, ci95_half_width, final_values
+from workbench.tracking.comparison import runs_task
 
 #: The heterogeneity levels of Li et al. (MLSys 2020), Figure 1: Synthetic-IID, then Synthetic(alpha, beta).
 FEDPROX_HETEROGENEITY: dict[str, dict[str, object]] = {
@@ -73,23 +74,34 @@ class Study:
     histories: list[History] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
 
-    def curves(self, metric: str = "test_accuracy") -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
-        """`[(row, column)][line] = [(round, value), ...]`, the shape `plots.study_grid` takes."""
+    def curves(self, metric: str | None = None) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+        """`[(row, column)][line] = [(round, value), ...]`, the shape `plots.study_grid` takes; `metric`
+        defaults to the runs' headline metric (`headline_of`)."""
+        metric = metric or headline_of(self.histories)
         grid: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}
         for point, history in zip(self.points, self.histories):
             grid.setdefault((point.row, point.column), {})[point.line] = history.metric(metric)
         return grid
 
-    def table(self, metric: str = "test_accuracy"):
-        """Final `metric` of each run: one row per panel, one column per line."""
+    def table(self, metric: str | None = None):
+        """Final `metric` of each run (default: their headline metric): one row per panel, one column per
+        line."""
         import pandas
 
+        metric = metric or headline_of(self.histories)
         rows: dict[tuple[str, str], dict[str, float]] = {}
         for point, history in zip(self.points, self.histories):
             rows.setdefault((point.row, point.column), {})[point.line] = history.final().get(metric, np.nan)
         frame = pandas.DataFrame.from_dict(rows, orient="index")
         frame.index = pandas.MultiIndex.from_tuples(frame.index, names=["data", "stragglers"])
         return frame
+
+
+def headline_of(histories: Sequence[History]) -> str:
+    """The headline metric (`tasks.headline_metric`) of the task these runs share: test_accuracy, or
+    test_mse for a regression."""
+    metric, _ = headline_metric(common_task([history.final() for history in histories]))
+    return metric
 
 
 def run_study(points: Sequence[StudyPoint], tracking_uri: str | None = None, experiment: str = "study", *,
@@ -186,13 +198,17 @@ class Equivalence:
         return name if value > 0.0 else ""
 
 
-def equivalence_table(results: Mapping[str, Equivalence], metrics: Sequence[str] = ("test_accuracy",)):
+def equivalence_table(results: Mapping[str, Equivalence], metrics: Sequence[str] | None = None):
     """Comparisons of `run_both` / `one_client_vs_sgd` as a table, one row per comparison: rounds, the
-    largest weight difference, the largest difference of each of `metrics`, the largest of any metric and
-    which one it was, and whether the two are exactly equal. Metrics that were not compared (the SGD
-    reference logs none) read NaN and 'not compared'."""
+    largest weight difference, the largest difference of each of `metrics` (default: the compared runs'
+    headline metric, test_accuracy or test_mse), the largest of any metric and which one it was, and
+    whether the two are exactly equal. Metrics that were not compared (the SGD reference logs none) read
+    NaN and 'not compared'."""
     import pandas
 
+    if metrics is None:
+        compared = [dict(r.metric_differences) for r in results.values() if r.metric_differences]
+        metrics = (headline_metric(common_task(compared))[0],)
     rows = {}
     for label, result in results.items():
         compared = math.isfinite(result.max_metric_difference)
@@ -224,9 +240,10 @@ def run_both(config_a: ExperimentConfig, config_b: ExperimentConfig) -> Equivale
 
 
 def sgd_reference(config: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """What plain mini-batch SGD (`torch.optim.SGD`) on the single client's data reaches after
-    rounds x local_epochs epochs, with the shuffles the federated run draws: the reference that FedAvg
-    with one client (McMahan et al. 2017: with C = 1 client FedAvg is sequential SGD) must equal."""
+    """What plain mini-batch SGD (`torch.optim.SGD`) on the task's loss (`tasks.training_loss`) on the single
+    client's data reaches after rounds x local_epochs epochs, with the shuffles the federated run draws: the
+    reference that FedAvg with one client (McMahan et al. 2017: with C = 1 client FedAvg is sequential SGD)
+    must equal."""
     if config.federation.num_clients != 1:
         raise ValueError(f"federation.num_clients must be 1 for the SGD reference, got "
                          f"{config.federation.num_clients} (set federation.num_clients=1, clients_per_round=1)")
@@ -246,7 +263,7 @@ def sgd_reference(config: ExperimentConfig) -> dict[str, torch.Tensor]:
             for start in range(0, len(y), batch):
                 index = order[start:start + batch]
                 optimizer.zero_grad()
-                F.cross_entropy(model(x[index]), y[index]).backward()
+                training_loss(federation.dataset.task, model(x[index]), y[index]).backward()
                 optimizer.step()
     return snapshot(model)
 
@@ -266,11 +283,14 @@ ROBUST_AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 def privacy_tradeoff(experiment: str, tracking_uri: str | None = None, *, sweep_id: str | None = None,
-                     metric: str = "test_accuracy"):
+                     metric: str | None = None):
     """DP-FedAvg's privacy-utility trade-off from MLflow: per noise multiplier z, the epsilon spent (at the
-    run's privacy.delta) and `metric` at the end, mean and 95 % interval over seeds; with its figure."""
+    run's privacy.delta) and `metric` at the end (default: the runs' headline metric, test_accuracy or
+    test_mse), mean and 95 % interval over seeds; with its figure."""
     import pandas
 
+    if metric is None:
+        metric, _ = headline_metric(runs_task(experiment, tracking_uri, sweep_id=sweep_id))
     runs = final_values(experiment, [metric, "dp_epsilon"], tracking_uri, sweep_id=sweep_id)
     if "strategy.noise_multiplier" not in runs:
         raise ValueError(f"the runs of {experiment!r} do not vary strategy.noise_multiplier (sweep it: "
@@ -285,5 +305,6 @@ def privacy_tradeoff(experiment: str, tracking_uri: str | None = None, *, sweep_
     figure = tradeoff_figure(noisy["dp_epsilon"], noisy[f"{metric}_mean"], noisy[f"{metric}_ci95"],
                              [f"z={z:g}" for z in noisy["noise_multiplier"]], x_label="epsilon spent",
                              y_label=metric.replace("_", " "),
-                             title=f"DP-FedAvg on {experiment}: privacy against accuracy ({len(runs)} runs)")
+                             title=f"DP-FedAvg on {experiment}: privacy against "
+                                   f"{metric.removeprefix('test_').replace('_', ' ')} ({len(runs)} runs)")
     return table, figure

@@ -10,8 +10,9 @@ import warnings
 from torch import nn
 
 from workbench.client import ClientTask
-from workbench.execution.base import (Executor, RunStopped, SequentialExecutor, batch_order, check_stop,
-                                      default_threads, task_labels)
+from workbench.execution.base import (DROP_REASONS, FAILURE_POLICIES, ClientDropped, ClientFailed, Executor,
+                                      RunStopped, SequentialExecutor, batch_order, check_stop, default_threads,
+                                      settle_failure, task_labels)
 from workbench.execution.kernels import LocalTrainer, linear_chain, train_chain_locally
 from workbench.execution import processes as _processes
 from workbench.execution.processes import (ProcessExecutor, WorkerDied, describe_exit, model_payload, usable_cpus,
@@ -22,7 +23,8 @@ from workbench.execution.vectorized import VectorizedExecutor, batch_schedule, w
 EXECUTORS = {"sequential": SequentialExecutor, "processes": ProcessExecutor, "vectorized": VectorizedExecutor,
              "ray": RayExecutor}
 
-__all__ = ["ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
+__all__ = ["ClientDropped", "ClientFailed", "DROP_REASONS", "FAILURE_POLICIES", "settle_failure",
+           "ClientTask", "Executor", "RunStopped", "SequentialExecutor", "ProcessExecutor",
            "VectorizedExecutor", "RayExecutor", "EXECUTORS", "LocalTrainer", "WorkerDied", "batch_order", "batch_schedule",
            "build_executor", "check_stop", "close_pools", "default_threads", "describe_exit", "linear_chain",
            "model_payload", "ray_pool", "resolve_executor", "task_labels", "train_chain_locally", "usable_cpus",
@@ -78,16 +80,18 @@ def _sendable_or_sequential(name: str, model: nn.Module) -> str:
 
 
 def build_executor(name: str, model: nn.Module, *, workers: int = 0, ray_address: str = "",
-                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
-                   clients_per_round: int = 0) -> Executor:
+                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, clients_per_round: int = 0,
+                   on_client_failure: str = "fail", round_timeout_s: float = 0.0) -> Executor:
     """The executor called `name` (config key `execution.executor`, `auto` resolved by
     `resolve_executor`), working on copies of `model`; `workers` = processes for `processes`
-    (0 = one per core); `ray_address`, `cpus_per_client`, `gpus_per_client` for `ray`, whose actor pool
-    is sized for `clients_per_round` (0 = as many actors as the cluster holds)."""
+    (0 = one per core); `ray_address`, `cpus_per_client`, `gpus_per_client`, `on_client_failure`,
+    `round_timeout_s` for `ray`, whose actor pool is sized for `clients_per_round` (0 = as many actors as
+    the cluster holds). The keywords are the `execution.*` keys of the same names."""
     resolved = resolve_executor(name, model)
     if resolved == "processes":
         return ProcessExecutor(model, workers)
     if resolved == "ray":
         return RayExecutor(model, address=ray_address, cpus_per_client=cpus_per_client,
-                           gpus_per_client=gpus_per_client, clients_per_round=clients_per_round)
+                           gpus_per_client=gpus_per_client, clients_per_round=clients_per_round,
+                           on_client_failure=on_client_failure, round_timeout_s=round_timeout_s)
     return EXECUTORS[resolved](model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -22,6 +23,49 @@ def check_stop(stop: threading.Event | None) -> None:
         raise RunStopped("stopped by the user")
 
 
+#: What `execution.on_client_failure` may say: end the run, or go on without the client.
+FAILURE_POLICIES = ("fail", "drop")
+#: Why a client's update did not arrive (`ClientDropped.reason`).
+DROP_REASONS = ("error", "worker_died", "timeout")
+
+
+@dataclass(frozen=True)
+class ClientDropped:
+    """A task whose update did not arrive: why (`DROP_REASONS`), what happened, and how often it was tried.
+    The round goes on without it; the client table says why."""
+
+    client: int
+    reason: str
+    message: str
+    attempts: int
+
+    @property
+    def description(self) -> str:
+        """One line for the client table: `error after 2 attempts: ValueError: ...`."""
+        if not self.attempts:
+            return f"{self.reason}: {self.message}"
+        tries = "attempt" if self.attempts == 1 else "attempts"
+        return f"{self.reason} after {self.attempts} {tries}: {self.message}"
+
+
+class ClientFailed(RuntimeError):
+    """A client's update failed (after its retry) under `execution.on_client_failure=fail`: the run ends
+    FAILED, with what it logged so far, and can be resumed from its last checkpoint."""
+
+    def __init__(self, dropped: ClientDropped):
+        self.dropped = dropped
+        super().__init__(f"client {dropped.client}: {dropped.description} (execution.on_client_failure=fail "
+                         "ends the run; set it to drop to go on without failing clients, then resume this run)")
+
+
+def settle_failure(policy: str, dropped: ClientDropped) -> ClientDropped:
+    """The one home of `execution.on_client_failure`: `drop` returns the record of the missing update,
+    `fail` raises `ClientFailed`."""
+    if policy == "drop":
+        return dropped
+    raise ClientFailed(dropped)
+
+
 class Executor(Protocol):
     name: str
 
@@ -35,11 +79,13 @@ class Executor(Protocol):
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
-    ) -> list[ClientUpdate]:
-        """Every task's update (its model and mean local loss; `client.finish_update` completes the rest),
-        trained exactly as `objective` and the task describe, in the order of `tasks`; raises `RunStopped`
-        within one client update of `stop` being set. `on_update(client)` is called on the caller's thread as each client's update
-        is complete (in completion order), before the cohort is."""
+    ) -> list[ClientUpdate | ClientDropped]:
+        """Every task's outcome in the order of `tasks`: its update (its model and mean local loss;
+        `client.finish_update` completes the rest), trained exactly as `objective` and the task describe,
+        or, for an executor that bounds failures (Ray: `execution.on_client_failure`, `round_timeout_s`),
+        a `ClientDropped`. Raises `RunStopped` within one client update of `stop` being set.
+        `on_update(client)` is called on the caller's thread as each client's update is complete (in
+        completion order), before the cohort is."""
 
     def why_not_supported(self, objective: LocalObjective) -> str | None:
         """Why this executor cannot honour `objective` exactly, or None when it can."""

@@ -1,5 +1,6 @@
-"""A fused local-training kernel for chains of linear layers and ReLUs (logreg, the 2NN): the same SGD
-as `train_locally`, with the backward pass written out so each step is a handful of BLAS calls."""
+"""A fused local-training kernel for chains of linear layers and ReLUs (logreg, linear, the 2NN, the tabular
+MLP): the same SGD as `train_locally` on the task's loss (cross-entropy or mean squared error), with the
+backward pass written out so each step is a handful of BLAS calls."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.client import LocalObjective, momentum_buffer, step_direction, train_locally
-from workbench.models import MLP, LogisticRegression
+from workbench.models import LINEAR_CHAINS
 
 
 def linear_chain(model: nn.Module) -> list[str] | None:
@@ -19,7 +20,7 @@ def linear_chain(model: nn.Module) -> list[str] | None:
 
     Only the zoo's classes qualify: a module's forward order cannot be read off its submodules in general.
     """
-    if type(model) not in (MLP, LogisticRegression):
+    if type(model) not in LINEAR_CHAINS:
         return None
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
@@ -37,17 +38,20 @@ def train_chain_locally(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """`train_locally` for the linear chain `chain` (see `linear_chain`): same batch order, same SGD steps
     with every term of the `LocalObjective` (weight decay, the proximal gradient mu * (w - w_global) of Li
-    et al. 2020, Eq. 2, SCAFFOLD's correction, by parameter name in `correction`, and momentum), same mean
-    loss; only rounding differs (float64 agrees to 1e-12, float32 within 1e-5 after a round:
-    tests/test_execution.py).
+    et al. 2020, Eq. 2, SCAFFOLD's correction, by parameter name in `correction`, and momentum), same loss
+    (`objective.task`'s) and mean loss; only rounding differs (float64 agrees to 1e-12, float32 within 1e-5
+    after a round: tests/test_execution.py, tests/test_regression_task.py).
 
     Written for few, cheap calls per step, since at B = 10 the per-call cost rivals the arithmetic:
-    each epoch gathers its shuffled samples once so batches are views; the gradient of mean cross-entropy
-    w.r.t. the logits is (softmax - onehot) / batch; without momentum each weight update is one in-place
+    each epoch gathers its shuffled samples once so batches are views; the gradient of the mean loss w.r.t.
+    the last layer's output z is, for cross-entropy on logits, (softmax - onehot) / B, and for a
+    regression's mean squared error mean_b (z_b - y_b)^2 on the (B, 1) output, 2 (z - y) / B; without
+    momentum each weight update is one in-place
     GEMM (w -= lr * delta^T a), preceded for FedProx by w += lr*mu*(w_global - w) (one lerp; with weight
     decay w <- w(1 - lr(wd + mu)) + lr mu w_global) and followed by w -= lr (c - c_i); with momentum the
     gradient is formed and goes through `step_direction` and `momentum_buffer`, as in `train_locally`; the
-    losses are written into one buffer per epoch and summed once."""
+    losses are written into one buffer per epoch and summed once (the log-probabilities against the
+    one-hot targets, or the residuals z - y, whose squared norm is the epoch's summed squared error)."""
     lr, mu, wd, batch_size = objective.lr, objective.proximal_mu, objective.weight_decay, objective.batch_size
     rho = objective.momentum
     weights = [global_state[f"{p}.weight"].detach().clone() for p in chain]
@@ -58,21 +62,34 @@ def train_chain_locally(
     buffers: list[list[torch.Tensor | None]] = [[None, None] for _ in chain]
     x = x.flatten(1)
     num_samples, last = len(y), len(chain) - 1
-    onehot = F.one_hot(y, weights[-1].shape[0]).to(weights[-1].dtype)
-    log_probs = torch.empty_like(onehot)
+    is_regression = objective.task == "regression"
+    if is_regression:
+        if weights[-1].shape[0] != 1:
+            raise ValueError(f"a regression needs a model with one output, but layer {chain[-1]!r} has "
+                             f"{weights[-1].shape[0]} (build it with num_outputs=1: Dataset.num_outputs)")
+        targets_encoded = y.to(weights[-1].dtype).reshape(-1, 1)  # (N, 1), as the output z
+    else:
+        targets_encoded = F.one_hot(y, weights[-1].shape[0]).to(weights[-1].dtype)
+    # per epoch: the residuals z - y (regression) or the log-probabilities (classification) of every sample
+    epoch_values = torch.empty_like(targets_encoded)
     total_loss = torch.zeros((), dtype=weights[0].dtype, device=x.device)
     for _ in range(num_epochs):
         order = torch.randperm(num_samples, generator=generator).to(x.device)
-        inputs_all, targets_all = x.index_select(0, order), onehot.index_select(0, order)
+        inputs_all, targets_all = x.index_select(0, order), targets_encoded.index_select(0, order)
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
             activations, targets = [inputs_all[start:stop]], targets_all[start:stop]
             for i, (w, b) in enumerate(zip(weights, biases)):
                 z = torch.addmm(b, activations[-1], w.t())
                 activations.append(z.relu_() if i < last else z)
-            batch_log_probs = log_probs[start:stop]
-            torch._log_softmax(activations.pop(), 1, False, out=batch_log_probs)
-            delta = batch_log_probs.exp().sub_(targets).div_(stop - start)
+            batch_values = epoch_values[start:stop]
+            if is_regression:
+                # d/dz mean_b (z_b - y_b)^2 = 2 (z - y) / B
+                torch.sub(activations.pop(), targets, out=batch_values)
+                delta = batch_values.mul(2.0 / (stop - start))
+            else:
+                torch._log_softmax(activations.pop(), 1, False, out=batch_values)
+                delta = batch_values.exp().sub_(targets).div_(stop - start)
             for i in range(last, -1, -1):
                 w, b, inputs = weights[i], biases[i], activations[i]
                 # the next delta needs this layer's weights before the step; ReLU passes it where a > 0
@@ -96,7 +113,10 @@ def train_chain_locally(
                         w.add_(corrections[i][0], alpha=-lr)
                         b.add_(corrections[i][1], alpha=-lr)
                 delta = below
-        total_loss -= torch.vdot(log_probs.flatten(), targets_all.flatten())
+        if is_regression:
+            total_loss += torch.vdot(epoch_values.flatten(), epoch_values.flatten())
+        else:
+            total_loss -= torch.vdot(epoch_values.flatten(), targets_all.flatten())
     trained = {k: v for prefix, w, b in zip(chain, weights, biases)
                for k, v in ((f"{prefix}.weight", w), (f"{prefix}.bias", b))}
     state = {k: trained[k] if k in trained else v.detach().clone() for k, v in global_state.items()}
@@ -105,7 +125,7 @@ def train_chain_locally(
 
 class LocalTrainer:
     """One client's local work on a scratch model: the fused kernel where it applies (the model is a
-    linear chain), else `train_locally`."""
+    linear chain; either task), else `train_locally`."""
 
     def __init__(self, model: nn.Module, use_kernel: bool = True):
         self.model = model

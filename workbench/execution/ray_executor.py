@@ -6,11 +6,13 @@ Ray is optional: it is imported only when this executor is used, so the base ins
 from __future__ import annotations
 
 import atexit
+import collections
 import copy
 import dataclasses
 import math
 import pickle
 import threading
+import time
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,12 +20,17 @@ import torch
 from torch import nn
 
 from workbench.client import ClientTask, ClientUpdate, LocalObjective, gradient_correction
-from workbench.execution.base import batch_order, check_stop, default_threads, task_labels
+from workbench.execution.base import (ClientDropped, batch_order, check_stop, default_threads, settle_failure,
+                                      task_labels)
 from workbench.execution.kernels import LocalTrainer, linear_chain
 from workbench.execution.processes import model_payload, usable_cpus
 
-#: how often the driver looks at `stop` while every actor is busy
+#: how often the driver looks at `stop` (and the round's deadline) while every actor is busy
 _POLL_S = 0.05
+#: a failed client update is tried this often in all (once, then once more on another worker)
+MAX_ATTEMPTS = 2
+#: how long new actors may take to start before the cluster is taken to lack room for them
+ACTOR_START_LIMIT_S = 120.0
 INSTALL_HINT = "pip install 'fl-workbench[ray]'"
 
 
@@ -59,12 +66,16 @@ class ClientWorker:
     def describe(self) -> dict[str, Any]:
         import os
 
-        return {"threads": torch.get_num_threads(), "pid": os.getpid(), "device": str(self.device)}
+        import ray
+
+        return {"threads": torch.get_num_threads(), "pid": os.getpid(), "device": str(self.device),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def train(self, model: tuple, data: tuple, state: tuple, task: ClientTask, objective: LocalObjective,
-              correction: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], float]:
-        """One client's update. `model`, `data`, `state` are (key, [object ref]): the ref is fetched only
-        when the key differs from the one held (the list keeps Ray from fetching it for every call)."""
+              correction: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], float, str]:
+        """One client's update and the id of the node that computed it. `model`, `data`, `state` are
+        (key, [object ref]): the ref is fetched only when the key differs from the one held (the list keeps
+        Ray from fetching it for every call)."""
         import ray
 
         if model[0] != self.model_key:
@@ -84,7 +95,7 @@ class ClientWorker:
         new_state, loss = self.trainer(self.global_state, self.x[indices], task_labels(self.y, task, objective),
                                        objective, num_epochs=task.num_epochs, generator=batch_order(task),
                                        correction=correction)
-        return {k: v.cpu() for k, v in new_state.items()}, loss
+        return {k: v.cpu() for k, v in new_state.items()}, loss, ray.get_runtime_context().get_node_id()
 
 
 class RayPool:
@@ -136,10 +147,34 @@ class RayPool:
         for actor in self.actors[num_actors:]:
             ray.kill(actor)
         del self.actors[num_actors:]
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(ClientWorker)
-        while len(self.actors) < num_actors:
-            self.actors.append(remote.remote(threads))
+        started = [self._new_actor(ray) for _ in range(num_actors - len(self.actors))]
+        if started:
+            ready, _ = ray.wait([actor.describe.remote() for actor in started], num_returns=len(started),
+                                timeout=ACTOR_START_LIMIT_S)
+            if len(ready) < len(started):
+                for actor in started:
+                    ray.kill(actor)
+                raise RuntimeError(
+                    f"Ray started {len(ready)} of {len(started)} actors of {cpus:g} CPUs and {gpus:g} GPUs within "
+                    f"{ACTOR_START_LIMIT_S:g} s (cluster {ray.cluster_resources()}, free {ray.available_resources()});"
+                    " other jobs may hold the resources: lower execution.cpus_per_client / gpus_per_client, or "
+                    "federation.clients_per_round, or add nodes")
+            self.actors += started
         return self.actors
+
+    def _new_actor(self, ray: Any) -> Any:
+        cpus, gpus, threads = self.shape
+        return ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(ClientWorker).remote(threads)
+
+    def replace(self, ray: Any, actor: Any) -> Any:
+        """A fresh actor in the place of `actor` (dead, or killed because its client timed out)."""
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
+        fresh = self._new_actor(ray)
+        self.actors = [fresh if a is actor else a for a in self.actors]
+        return fresh
 
     def data_ref(self, ray: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[int, list]:
         """(key, [ref]) of (x, y) in the object store: put once per dataset, again only when it changes."""
@@ -191,12 +226,19 @@ class RayExecutor:
     """Clients spread over Ray actors of `cpus_per_client` CPUs (and `gpus_per_client` GPUs) each, every
     actor taking the next client when it is free and running `LocalTrainer` on it, so every update is
     computed exactly as the sequential executor computes it. The driver keeps the global model, the
-    aggregation and the per-client strategy state."""
+    aggregation and the per-client strategy state.
+
+    Faults are bounded: a client update that raises, or whose worker process dies, is tried once more on
+    another actor (a dead actor is replaced); if that fails too, `on_client_failure` decides (`fail`: raise
+    `ClientFailed`; `drop`: a `ClientDropped` in its place). With `round_timeout_s`, the clients not done
+    when the round has run that long are dropped as timed out, and the actors still busy with them are
+    replaced."""
 
     name = "ray"
 
     def __init__(self, model: nn.Module, *, address: str = "", cpus_per_client: float = 1.0,
-                 gpus_per_client: float = 0.0, clients_per_round: int = 0, use_kernel: bool = True):
+                 gpus_per_client: float = 0.0, clients_per_round: int = 0, use_kernel: bool = True,
+                 on_client_failure: str = "fail", round_timeout_s: float = 0.0):
         on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
         try:
             payload = model_payload(on_cpu)
@@ -209,6 +251,9 @@ class RayExecutor:
         self.cpus_per_client, self.gpus_per_client = float(cpus_per_client), float(gpus_per_client)
         self.actor_threads = int(self.cpus_per_client) or 1
         self.address = address
+        self.on_client_failure, self.round_timeout_s = on_client_failure, float(round_timeout_s)
+        #: client updates computed per Ray node id, over this executor's life
+        self.updates_per_node: collections.Counter[str] = collections.Counter()
         self._ray = _POOL.connect(address)
         self._capacity = _POOL.capacity(self._ray, self.cpus_per_client, self.gpus_per_client)
         if self._capacity < 1:
@@ -222,7 +267,8 @@ class RayExecutor:
         planned = min(clients_per_round, self._capacity) if clients_per_round else self._capacity
         self.settings = {"executor": self.name, "ray_address": address, "num_actors": planned,
                          "cpus_per_client": self.cpus_per_client, "gpus_per_client": self.gpus_per_client,
-                         "actor_threads": self.actor_threads, "fused_kernel": self._payload[1]}
+                         "actor_threads": self.actor_threads, "fused_kernel": self._payload[1],
+                         "on_client_failure": on_client_failure, "round_timeout_s": self.round_timeout_s}
 
     def why_not_supported(self, objective: LocalObjective) -> str | None:
         return None  # the actors run `train_locally` (or the kernel where it applies) on whole clients
@@ -231,54 +277,146 @@ class RayExecutor:
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
         x: torch.Tensor, y: torch.Tensor, objective: LocalObjective,
         stop: threading.Event | None = None, on_update: Callable[[int], None] | None = None,
-    ) -> list[ClientUpdate]:
+    ) -> list[ClientUpdate | ClientDropped]:
         check_stop(stop)
         if not tasks:
             return []
+        started = time.monotonic()
         ray = self._ray = _POOL.connect(self.address)
         with _POOL.lock:
-            actors = _POOL.resize(ray, min(len(tasks), self._capacity), self.cpus_per_client,
-                                  self.gpus_per_client, self.actor_threads)
+            _POOL.resize(ray, min(len(tasks), self._capacity), self.cpus_per_client, self.gpus_per_client,
+                         self.actor_threads)
             data = _POOL.data_ref(ray, x, y)
             _POOL.state_key += 1
             state = (_POOL.state_key, [ray.put({k: v.detach().cpu() for k, v in global_state.items()})])
-            model = (self._model_key, [self._model_ref])
-            results: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
-            pending: dict[Any, tuple[Any, int]] = {}
-            queue = list(range(len(tasks)))[::-1]
-
-            def submit(actor: Any) -> None:
-                row = queue.pop()
-                task = tasks[row]
-                correction = gradient_correction(task.payload, task.client_state, self._names)
-                sent = dataclasses.replace(task, indices=task.indices.detach().cpu(), payload={}, client_state={})
-                if correction is not None:
-                    correction = [c.detach().cpu() for c in correction]
-                pending[actor.train.remote(model, data, state, sent, objective, correction)] = (actor, row)
-
-            for actor in actors:
-                if queue:
-                    submit(actor)
+            cohort = _Cohort(ray, tasks, self._names, ((self._model_key, [self._model_ref]), data, state),
+                             objective)
+            deadline = started + self.round_timeout_s if self.round_timeout_s else None
             try:
-                while pending:
+                cohort.assign()
+                while cohort.pending:
                     check_stop(stop)
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
+                    wait_s = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+                    done, _ = ray.wait(list(cohort.pending), num_returns=1, timeout=wait_s)
                     for ref in done:
-                        actor, row = pending.pop(ref)
-                        results[row] = ray.get(ref)
-                        if on_update is not None:
-                            on_update(tasks[row].client)
+                        row = cohort.collect(ref, self.on_client_failure)
+                        if row is not None:
+                            self.updates_per_node[cohort.nodes[row]] += 1
+                            if on_update is not None:
+                                on_update(tasks[row].client)
                         check_stop(stop)
-                        if queue:
-                            submit(actor)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        cohort.time_out(self.round_timeout_s)
+                        break
+                    cohort.assign()
             except BaseException:
-                # abandon what is in flight: each actor finishes its one client and is free again
-                for ref in pending:
-                    try:
-                        ray.cancel(ref)
-                    except Exception:  # already finished, or its actor is gone: nothing to cancel
-                        pass
+                cohort.abandon()
                 raise
-        return [ClientUpdate(task.client, {k: v.to(self._device) for k, v in results[row][0].items()},
-                             len(task.indices), task.num_epochs, results[row][1], task.is_partial)
-                for row, task in enumerate(tasks)]
+        outcomes: list[ClientUpdate | ClientDropped] = []
+        for row, task in enumerate(tasks):
+            result = cohort.outcomes[row]
+            if isinstance(result, ClientDropped):
+                outcomes.append(result)
+                continue
+            new_state, loss = result
+            outcomes.append(ClientUpdate(task.client, {k: v.to(self._device) for k, v in new_state.items()},
+                                         len(task.indices), task.num_epochs, loss, task.is_partial))
+        return outcomes
+
+
+class _Cohort:
+    """One round's bookkeeping on the pool's actors (the caller holds the pool's lock): which task waits,
+    which actor computes which task, how often each was tried, and each task's outcome."""
+
+    def __init__(self, ray: Any, tasks: Sequence[ClientTask], names: list[str], refs: tuple,
+                 objective: LocalObjective):
+        self.ray, self.tasks, self.names, self.refs, self.objective = ray, tasks, names, refs, objective
+        self.queue: collections.deque[int] = collections.deque(range(len(tasks)))
+        self.idle: list[Any] = list(_POOL.actors)
+        self.pending: dict[Any, tuple[Any, int]] = {}
+        self.attempts = [0] * len(tasks)
+        self.failed_on: dict[int, Any] = {}
+        self.nodes: dict[int, str] = {}
+        self.outcomes: dict[int, tuple[dict[str, torch.Tensor], float] | ClientDropped] = {}
+
+    def assign(self) -> None:
+        """Give waiting tasks to idle actors, in order; a retried task goes to another actor than the one it
+        failed on, unless there is no other."""
+        for row in list(self.queue):
+            if not self.idle:
+                return
+            avoid = self.failed_on.get(row)
+            actor = next((a for a in self.idle if a is not avoid), None)
+            if actor is None and len(_POOL.actors) == 1:
+                actor = self.idle[0]
+            if actor is None:
+                continue
+            self.idle.remove(actor)
+            self.queue.remove(row)
+            self.submit(actor, row)
+
+    def submit(self, actor: Any, row: int) -> None:
+        task = self.tasks[row]
+        correction = gradient_correction(task.payload, task.client_state, self.names)
+        sent = dataclasses.replace(task, indices=task.indices.detach().cpu(), payload={}, client_state={})
+        if correction is not None:
+            correction = [c.detach().cpu() for c in correction]
+        self.attempts[row] += 1
+        self.pending[actor.train.remote(*self.refs, sent, self.objective, correction)] = (actor, row)
+
+    def collect(self, ref: Any, policy: str) -> int | None:
+        """The finished `ref`'s row when it brought an update, else None (retried, dropped, or raised
+        `ClientFailed` by `policy`)."""
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+        actor, row = self.pending.pop(ref)
+        try:
+            new_state, loss, node = self.ray.get(ref)
+        except (RayActorError, WorkerCrashedError) as err:
+            self.idle.append(_POOL.replace(self.ray, actor))
+            self.failed(row, "worker_died", _first_line(err), None, policy)
+            return None
+        except RayTaskError as err:
+            cause = getattr(err, "cause", None) or err
+            self.idle.append(actor)
+            self.failed(row, "error", f"{type(cause).__name__}: {cause}", actor, policy)
+            return None
+        self.idle.append(actor)
+        self.outcomes[row], self.nodes[row] = (new_state, loss), node
+        return row
+
+    def failed(self, row: int, reason: str, message: str, actor: Any, policy: str) -> None:
+        """Try `row` again on another actor, or, after `MAX_ATTEMPTS`, settle it by `policy`."""
+        if self.attempts[row] < MAX_ATTEMPTS:
+            self.failed_on[row] = actor
+            self.queue.appendleft(row)
+            return
+        dropped = ClientDropped(self.tasks[row].client, reason, message, self.attempts[row])
+        self.outcomes[row] = settle_failure(policy, dropped)
+
+    def time_out(self, limit_s: float) -> None:
+        """Drop every client not done by the round's deadline; replace the actors still busy with one."""
+        for ref, (actor, row) in list(self.pending.items()):
+            _POOL.replace(self.ray, actor)
+            self.outcomes[row] = ClientDropped(self.tasks[row].client, "timeout",
+                                               f"not done within the round's {limit_s:g} s (execution."
+                                               "round_timeout_s)", self.attempts[row])
+        self.pending.clear()
+        for row in self.queue:
+            self.outcomes[row] = ClientDropped(self.tasks[row].client, "timeout",
+                                               f"not started within the round's {limit_s:g} s (execution."
+                                               "round_timeout_s)", self.attempts[row])
+        self.queue.clear()
+
+    def abandon(self) -> None:
+        """Cancel what is in flight: each actor finishes its one client and is free again."""
+        for ref in self.pending:
+            try:
+                self.ray.cancel(ref)
+            except Exception:  # already finished, or its actor is gone: nothing to cancel
+                pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()

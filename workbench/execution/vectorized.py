@@ -8,13 +8,13 @@ import threading
 from typing import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from workbench.client import (ClientTask, ClientUpdate, LocalObjective, flipped_labels, gradient_correction,
                               momentum_buffer, step_direction)
 from workbench.execution.base import batch_order, check_stop
+from workbench.tasks import per_sample_loss
 
 
 def why_not_batchable(model: nn.Module) -> str | None:
@@ -58,10 +58,11 @@ class VectorizedExecutor:
     """Trains the whole cohort in lock-step: the clients' weights are stacked along a leading axis and
     `vmap(grad(loss))` takes one SGD step for all of them at once (batched matmul, grouped convolution
     underneath). Per-client batch orders, unequal sizes (masked, ragged last batches), stragglers' fewer
-    epochs, and every term of the `LocalObjective` (momentum, weight decay, proximal, SCAFFOLD's correction,
-    label-flipping attackers) match `train_locally`: each step applies the same `step_direction` and
-    `momentum_buffer` to the stacked weights. Memory grows with the clients per
-    round; `max_clients` bounds how many are stacked at a time.
+    epochs, the task's loss (`objective.task`: cross-entropy or mean squared error, `tasks.per_sample_loss`
+    averaged over each client's real samples) and every term of the `LocalObjective` (momentum, weight
+    decay, proximal, SCAFFOLD's correction, label-flipping attackers) match `train_locally`: each step
+    applies the same `step_direction` and `momentum_buffer` to the stacked weights. Memory grows with the
+    clients per round; `max_clients` bounds how many are stacked at a time.
 
     Pays where kernels are launch-bound (GPUs); on a few CPU cores the stacked weights fall out of cache
     (see the README's benchmark table)."""
@@ -77,14 +78,19 @@ class VectorizedExecutor:
         self._max_clients = max_clients
         self.threads = 0  # one big batched step per local step: worth every core
         self.settings = {"executor": self.name}
+        #: one batched gradient step per task, built when a cohort of that task first comes
+        self._steps: dict[str, Callable] = {}
 
-        def client_loss(params, x, y, mask):
-            logits = functional_call(self._model, params, (x,))
-            losses = F.cross_entropy(logits, y, reduction="none")
-            loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
-            return loss, loss
+    def _step(self, task: str) -> Callable:
+        if task not in self._steps:
+            def client_loss(params, x, y, mask):
+                outputs = functional_call(self._model, params, (x,))
+                losses = per_sample_loss(task, outputs, y)
+                loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
+                return loss, loss
 
-        self._step = vmap(grad(client_loss, has_aux=True))
+            self._steps[task] = vmap(grad(client_loss, has_aux=True))
+        return self._steps[task]
 
     def run_cohort(
         self, global_state: Mapping[str, torch.Tensor], tasks: Sequence[ClientTask],
@@ -118,13 +124,14 @@ class VectorizedExecutor:
         flips = torch.tensor([t.flips_labels for t in tasks], device=device).view(-1, 1)
         buffers: dict[str, torch.Tensor | None] = dict.fromkeys(names)
         total_loss = torch.zeros(num_clients, dtype=mask.dtype, device=device)
+        batched_step = self._step(objective.task)
         for step in range(rows.shape[1]):
             check_stop(stop)
             step_mask = mask[:, step]
             labels = y[rows[:, step]]
             if objective.num_classes:
                 labels = torch.where(flips, flipped_labels(labels, objective.num_classes), labels)
-            grads, losses = self._step(params, x[rows[:, step]], labels, step_mask)
+            grads, losses = batched_step(params, x[rows[:, step]], labels, step_mask)
             counts = step_mask.sum(1)
             active = (counts > 0).to(step_mask.dtype)
             with torch.no_grad():

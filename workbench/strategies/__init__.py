@@ -1,5 +1,6 @@
 """Federated algorithms on one seam (`Strategy`): FedAvg and FedProx, server optimizers, SCAFFOLD,
-FedNova, robust aggregation and DP-FedAvg, each built by its public name."""
+FedNova, robust aggregation and DP-FedAvg, and the local and centralized baselines, each built by its
+public name."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ REGISTRY = {
     "krum": "workbench.strategies.robust:Krum",
     "multi_krum": "workbench.strategies.robust:MultiKrum",
     "dp_fedavg": "workbench.strategies.dp:DPFedAvg",
+    "local": "workbench.strategies.baselines:Local",
+    "centralized": "workbench.strategies.baselines:Centralized",
 }
 
 __all__ = ["REGISTRY", "FedAvg", "FedProx", "Payload", "State", "Strategy", "StrategyBase", "aggregate_by_samples",

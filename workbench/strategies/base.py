@@ -27,6 +27,21 @@ class Strategy(Protocol):
     name: str
     #: whether stragglers' partial work is trained and aggregated (else stragglers are not asked to train)
     keeps_partial_work: bool
+    #: whether clients download and upload models (False for the local and centralized baselines: the
+    #: round's bytes_down / bytes_up are 0)
+    exchanges_models: bool
+
+    def plan_tasks(self, tasks: Sequence[ClientTask]) -> list[ClientTask]:
+        """The tasks the round trains, from the accepted clients' tasks (the centralized baseline pools
+        them into one)."""
+
+    def start_state(self, client: int, global_state: State) -> State:
+        """The model `client` starts its local training from (the global model; the local baseline: the
+        client's own model)."""
+
+    def client_models(self, global_state: State, clients: Sequence[int]) -> Mapping[int, State] | None:
+        """The model each of `clients` is evaluated with, or None when every client uses the global model
+        (the local baseline: each client's own)."""
 
     def local_objective(self, training: TrainingConfig, round_: int) -> LocalObjective:
         """What every client of round `round_` minimizes, and how."""
@@ -61,6 +76,16 @@ class StrategyBase:
 
     name = "base"
     keeps_partial_work = False
+    exchanges_models = True
+
+    def plan_tasks(self, tasks: Sequence[ClientTask]) -> list[ClientTask]:
+        return list(tasks)
+
+    def start_state(self, client: int, global_state: State) -> State:
+        return global_state
+
+    def client_models(self, global_state: State, clients: Sequence[int]) -> Mapping[int, State] | None:
+        return None
 
     def local_objective(self, training: TrainingConfig, round_: int) -> LocalObjective:
         return base_objective(training, round_)

@@ -20,8 +20,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from workbench.models import describe_model
 from workbench.partition import partition_hash
 from workbench.simulation import Callback, Federation, History, RoundResult
+from workbench.tasks import headline_metric, is_improvement
 from workbench.tracking.checkpoints import (CHECKPOINT_DIR, Checkpoint, checkpoint_rounds, log_model, model_spec,
                                             server_state, write_checkpoint)
+from workbench.tracking.deploy import log_served_model
 from workbench.tracking.record import (CLIENT_COLUMNS, CLIENT_PARTS_DIR, CLIENT_TABLE, client_part_name,
                                       client_part_sessions, client_rows, download_client_rows, log_partition,
                                       partition_stat_params, read_client_rows, write_client_part)
@@ -140,10 +142,12 @@ class MlflowCallback(Callback):
         self._last_round = result.round
         self._last_state = {k: v.detach().to("cpu", copy=True) for k, v in federation.model.state_dict().items()}
         self._last_server_state = server_state(federation)
-        accuracy = result.metrics.get("test_accuracy")
-        is_best = accuracy is not None and accuracy > self._best_value
+        # best = the task's headline metric: highest test_accuracy, lowest test_mse (= test_loss)
+        headline, goal = headline_metric(federation.dataset.task)
+        value = result.metrics.get(headline)
+        is_best = value is not None and is_improvement(value, self._best_value if self._best_round else None, goal)
         if is_best:
-            self._best_round, self._best_value = result.round, accuracy
+            self._best_round, self._best_value = result.round, value
         with open(self.state_folder / "metrics.jsonl", "a") as file:
             file.write(json.dumps({"round": result.round, "metrics": result.metrics}) + "\n")
         rows = client_rows(result)
@@ -236,6 +240,7 @@ class MlflowCallback(Callback):
                 self.client.set_tag(self.run_id, "stop_reason", history.stop_reason[:5000])
             if history.status == "FINISHED":
                 log_model(self.client, self.run_id, federation)
+                log_served_model(self.client, self.run_id, federation)
             status = history.status if history.status in ("FINISHED", "FAILED", "KILLED") else "FAILED"
             self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
         except (TrackingUnavailable, *TRACKING_ERRORS) as err:

@@ -27,15 +27,18 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def model_spec(federation: Federation) -> dict[str, Any]:
-    """What rebuilds the global model's class: its name and shapes, and where its factory came from
-    (`origin`, `import_path` when another process can import it, `factory` and `class` as
-    `module:qualname`, for the message that says what to register)."""
+    """What rebuilds the global model's class: its name and shapes (`num_outputs`, what it was built with:
+    the classes, or 1 for a regression, whose `num_classes` is 0), the dataset's `task`, and where its
+    factory came from (`origin`, `import_path` when another process can import it, `factory` and `class`
+    as `module:qualname`, for the message that says what to register)."""
     name = federation.config.model.name
     described = describe_model(name, federation.model)
     return {
         "model": name,
         "input_shape": list(federation.dataset.input_shape),
         "num_classes": federation.dataset.num_classes,
+        "num_outputs": federation.dataset.num_outputs,
+        "task": federation.dataset.task,
         "origin": described["model.source"],
         "import_path": described["model.import_path"] or None,
         "factory": _qualified(MODELS.resolve(name).factory),
@@ -59,7 +62,8 @@ def log_model(client: MlflowClient, run_id: str, federation: Federation) -> None
 
 def load_model(run_id: str, tracking_uri: str | None = None, round: int | str | None = None) -> nn.Module:
     """A run's global model, rebuilt as its own class with the logged weights: the final one, the one
-    checkpointed after `round` N, or `round="best"` (highest test accuracy).
+    checkpointed after `round` N, or `round="best"` (the best by the task's headline metric,
+    `tasks.headline_metric`: highest test accuracy, or lowest test MSE for a regression).
 
     Only safetensors files are read: a pickled checkpoint (which could run code when loaded) is refused.
     """
@@ -91,9 +95,11 @@ def build_ready_model(spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     """The model `spec` describes (`model_spec`) with the weights `state`, in eval mode. Its factory is the
     one registered under the spec's name in this session (built-ins included), else the one its `module:Name`
     name or recorded import path imports; otherwise ValueError says what to register. Weights that do not
-    fit the model built (another class registered under the name) raise ValueError naming the parameters."""
+    fit the model built (another class registered under the name) raise ValueError naming the parameters.
+    The model is built with the spec's `num_outputs`; a spec written before tasks existed has only
+    `num_classes`, which is then what the model outputs (every such run was a classification)."""
     name = spec["model"]
-    shape, num_classes = tuple(spec["input_shape"]), spec["num_classes"]
+    shape, num_outputs = tuple(spec["input_shape"]), spec.get("num_outputs", spec["num_classes"])
     factory_name = _register_hint(spec)
     register = f"workbench.register_model({name!r}, {factory_name})"
     if name in MODELS or ":" in name:
@@ -106,7 +112,7 @@ def build_ready_model(spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]
                          f"session and cannot be imported: define it again and call {register} before "
                          f"load_model")
     try:
-        model = build_model(target, shape, num_classes, torch.Generator())
+        model = build_model(target, shape, num_outputs, torch.Generator())
     except ValueError as err:
         if target == name:
             raise

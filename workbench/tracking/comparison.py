@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from workbench.config import ExperimentConfig, knobs
 from workbench.plots import comparison_figure, partition_title
+from workbench.tasks import common_task, headline_metric, metric_goal, task_of_metrics
 from workbench.tracking.store import open_client
 
 #: Tag of a sweep's parent run; its children carry `mlflow.parentRunId`, `sweep_id` and `sweep_group`.
@@ -30,20 +31,24 @@ class Comparison:
     curves: dict[str, dict[str, list[tuple[int, float]]]]
 
 
-def compare(experiment: str, tracking_uri: str | None = None, metric: str = "test_accuracy", *,
+def compare(experiment: str, tracking_uri: str | None = None, metric: str | None = None, *,
             sweep_id: str | None = None, target: float | None = None) -> Comparison:
     """Compare the finished runs of an experiment (or of one sweep): group them by the config keys whose
     values differ (seeds are averaged over), and return a table (final value mean ± std, best value, rounds
     to reach `target`) and a figure (learning curves mean ± std, final values). A group of one run has no
     spread: its std and ci95 are NaN (`format_comparison` shows them as n=1).
 
-    Without `target`, it is the final mean of the weakest group: the level every group ends up reaching,
-    so 'rounds to target' says which gets there first. Lower is better for metrics named `*loss*`.
+    Without `metric`, the runs' task's headline metric (`tasks.headline_metric`: test_accuracy, or test_mse
+    for a regression; runs of both tasks need a metric named). Without `target`, it is the final mean of
+    the weakest group: the level every group ends up reaching, so 'rounds to target' says which gets there
+    first. Lower is better for a loss, an MSE or an MAE (`tasks.metric_goal`), higher for the rest.
     """
     import pandas
 
     client = open_client(tracking_uri)
     runs = finished_runs(client, experiment, sweep_id)
+    if metric is None:
+        metric, _ = headline_metric(common_task([r.data.metrics for r in runs]))
     varied = varied_keys(runs)
     groups: dict[str, list] = {}
     for r in runs:
@@ -55,8 +60,10 @@ def compare(experiment: str, tracking_uri: str | None = None, metric: str = "tes
     curves = {label: {run_id: points for run_id, points in series.items() if points} for label, series in curves.items()}
     curves = {label: series for label, series in curves.items() if series}
     if not curves:
-        raise ValueError(f"no run in {experiment!r} logged metric {metric!r} (try --metric test_accuracy)")
-    higher_is_better = "loss" not in metric
+        suggestion, _ = headline_metric(task_of_metrics(runs[-1].data.metrics))
+        raise ValueError(f"no run in {experiment!r} logged metric {metric!r} (try --metric {suggestion}, or "
+                         "test_loss, which every task logs)")
+    higher_is_better = metric_goal(metric) == "max"
     finals = {label: [points[-1][1] for points in series.values()] for label, series in curves.items()}
     if target is None:
         means = [float(np.mean(v)) for v in finals.values()]
@@ -106,10 +113,17 @@ def shared_title(runs: Sequence, varied: Sequence[str]) -> str:
         # only these keys: a model or dataset registered in another session need not be registered here
         config = ExperimentConfig().with_overrides(shown)
         title = partition_title(config, dataset=params["data.name"],
-                                num_clients=int(params["federation.num_clients"]))
+                                num_clients=int(params["federation.num_clients"]),
+                                task=task_of_metrics(runs[0].data.metrics))
     except (KeyError, ValueError, TypeError):
         return ""
     return title.removesuffix(f" · seed {config.seed}")
+
+
+def runs_task(experiment: str, tracking_uri: str | None = None, *, sweep_id: str | None = None) -> str:
+    """The task of an experiment's finished runs (or one sweep's), from what they logged
+    (`tasks.common_task`); ValueError when they mix tasks."""
+    return common_task([r.data.metrics for r in finished_runs(open_client(tracking_uri), experiment, sweep_id)])
 
 
 def finished_runs(client, experiment: str, sweep_id: str | None = None) -> list:
@@ -133,7 +147,7 @@ def varied_keys(runs: Sequence) -> tuple[str, ...]:
 
 
 def rounds_to_reach(points: Sequence[tuple[int, float]], target: float, higher_is_better: bool = True) -> int | None:
-    """The first round whose value reaches `target` (>= it, or <= for a loss), else None."""
+    """The first round whose value reaches `target` (>= it, or <= where lower is better), else None."""
     for round_, value in points:
         if (value >= target) if higher_is_better else (value <= target):
             return round_
@@ -217,7 +231,7 @@ def format_comparison(comparison: Comparison) -> str:
                 cells.append("-" if value != value else f"{value:.4f}")
         shown[column] = cells
     text = shown.to_string(index=False)
-    better = "<=" if "loss" in metric else ">="
+    better = "<=" if metric_goal(metric) == "min" else ">="
     notes = [f"(rounds_to_target: first round with {metric} {better} {comparison.target:.4f}, mean over the "
              "runs that reached it; - = none did)"]
     if single.any():

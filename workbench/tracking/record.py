@@ -32,9 +32,13 @@ _PART_NAME = re.compile(r"s(\d+)-(\d+)-(\d+)rows\.csv")
 #: sent none): num_samples, num_epochs, num_steps (local SGD steps), is_partial, is_malicious (a simulated
 #: attacker: `attack.*`), local_train_loss (mean loss of its local mini-batches), update_norm, drift (cosine
 #: to the sample-weighted mean update). Of the new global model, in evaluation
-#: rounds: train_loss on the client's training data, test_accuracy on its own test data.
+#: rounds: train_loss on the client's training data (the task's loss), test_accuracy on its own test data
+#: (a classification). Then `dropped`: why a sampled client's update did not arrive (executor=ray:
+#: `error|worker_died|timeout after N attempts: ...`), empty otherwise. Last, test_mse on its own test data
+#: (a regression). Each task fills its own test column (`tasks.client_metric`) and leaves the other empty.
 CLIENT_COLUMNS = ("round", "client", "is_sampled", "num_samples", "num_epochs", "num_steps", "is_partial",
-                  "is_malicious", "local_train_loss", "update_norm", "drift", "train_loss", "test_accuracy")
+                  "is_malicious", "local_train_loss", "update_norm", "drift", "train_loss", "test_accuracy",
+                  "dropped", "test_mse")
 PARTITION_DIR = "partition"
 #: The partition's one-value statistics (`partition.summarize`) are params `partition.stat.<name>`, not
 #: metrics: a metric is what a round measures, and one-value metrics at step 0 crowd the MLflow UI's charts
@@ -59,13 +63,14 @@ def logged_partition_stats(params: dict[str, str]) -> dict[str, float]:
 def client_rows(result: RoundResult) -> list[list[Any]]:
     """One row per client that trained or was evaluated in this round (columns `CLIENT_COLUMNS`)."""
     rows = []
-    clients = set(result.client_metrics) | set(result.client_accuracy) | set(result.client_train_loss)
+    clients = set(result.client_metrics) | set(result.client_test_metrics) | set(result.client_train_loss)
     for client in sorted(clients | set(result.sampled)):
-        m = result.client_metrics.get(client, {})
+        m, tested = result.client_metrics.get(client, {}), result.client_test_metrics.get(client, {})
         rows.append([result.round, client, int(client in result.sampled),
                      *(_cell(m.get(k)) for k in ("num_samples", "num_epochs", "num_steps", "is_partial",
                                                  "is_malicious", "local_train_loss", "update_norm", "drift")),
-                     _cell(result.client_train_loss.get(client)), _cell(result.client_accuracy.get(client))])
+                     _cell(result.client_train_loss.get(client)), _cell(tested.get("test_accuracy")),
+                     result.dropped.get(client, ""), _cell(tested.get("test_mse"))])
     return rows
 
 
@@ -87,10 +92,19 @@ def write_client_part(path: Path, rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
+def _current_rows(lines: list[list[str]]) -> list[list[str]] | None:
+    """The body of a client table file in today's `CLIENT_COLUMNS`, rows of a table written before the last
+    columns were added padded with empty cells (None: not a client table); a row of another width (the last
+    line, cut short by a kill) is dropped."""
+    if not lines or tuple(lines[0]) != CLIENT_COLUMNS[:len(lines[0])]:
+        return None
+    width, missing = len(lines[0]), [""] * (len(CLIENT_COLUMNS) - len(lines[0]))
+    return [row + missing for row in lines[1:] if len(row) == width]
+
+
 def read_client_rows(text: str) -> list[list[str]]:
     """The rows of a client table file (header dropped), without a last line that a kill cut short."""
-    rows = list(csv.reader(io.StringIO(text)))
-    return [r for r in rows[1:] if len(r) == len(CLIENT_COLUMNS)]
+    return _current_rows(list(csv.reader(io.StringIO(text)))) or []
 
 
 def merge_client_parts(parts: dict[str, str]) -> list[list[str]]:
@@ -101,9 +115,8 @@ def merge_client_parts(parts: dict[str, str]) -> list[list[str]]:
     named = [(m, text) for m, text in ((_PART_NAME.fullmatch(name), text) for name, text in parts.items()) if m]
     for match, text in sorted(named, key=lambda item: (int(item[0][1]), int(item[0][2]))):
         lines = list(csv.reader(io.StringIO(text)))
-        body = lines[1:]
-        if (not lines or tuple(lines[0]) != CLIENT_COLUMNS or len(body) != int(match[3])
-                or any(len(r) != len(CLIENT_COLUMNS) for r in body)):
+        body = _current_rows(lines)
+        if body is None or len(body) != len(lines) - 1 or len(body) != int(match[3]):
             continue
         for round_, rows in itertools.groupby(body, key=lambda r: int(r[0])):
             by_round[round_] = list(rows)
@@ -143,10 +156,12 @@ def _number_text(value: float) -> str:
 
 def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> None:
     """The run's partition under `partition/`: summary.json (statistics, hash, how the clients' test sets
-    were chosen), counts.csv (client x class, training samples; test samples per client), clients.npz
+    were chosen), counts.csv (client x class, or x target bin for a regression, training samples; test
+    samples per client), clients.npz
     (every client's training and test sample indices) and heatmap.png."""
     labels = federation.dataset.y_train.cpu().numpy()
-    stats = describe(labels, federation.clients, federation.dataset.num_classes)
+    stats = describe(labels, federation.clients, federation.dataset.num_classes, task=federation.dataset.task,
+                     num_bins=federation.config.partition.target_bins)
     tests = federation.client_tests
     test_sizes = tests.sizes if tests is not None else np.zeros(len(federation.clients), np.int64)
     summary = {"scheme": federation.partition_scheme, "partition_hash": partition_hash(federation.clients),
@@ -155,7 +170,7 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
         Path(folder, "summary.json").write_text(json.dumps(summary, indent=2))
         with open(Path(folder, "counts.csv"), "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["client", *(f"class_{c}" for c in range(stats.counts.shape[1])), "size", "test_size"])
+            writer.writerow(["client", *stats.column_names(), "size", "test_size"])
             writer.writerows([k, *row, size, test] for k, (row, size, test) in enumerate(
                 zip(stats.counts.tolist(), stats.sizes.tolist(), test_sizes.tolist())))
         sizes = np.array([len(c) for c in federation.clients], dtype=np.int64)
@@ -164,22 +179,23 @@ def log_partition(client: MlflowClient, run_id: str, federation: Federation) -> 
                             test_indices=tests.flat if tests is not None else np.zeros(0, np.int64),
                             test_sizes=test_sizes)
         title = partition_title(federation.config, dataset=federation.dataset.name,
-                                num_clients=len(federation.clients))
-        Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts, title))
+                                num_clients=len(federation.clients), task=federation.dataset.task)
+        Path(folder, "heatmap.png").write_bytes(_heatmap_png(stats.counts, title, stats.row_label))
         client.log_artifacts(run_id, folder, PARTITION_DIR)
 
 
 @functools.lru_cache(maxsize=8)
-def _heatmap_png_cached(counts_bytes: bytes, shape: tuple[int, int], title: str) -> bytes:
+def _heatmap_png_cached(counts_bytes: bytes, shape: tuple[int, int], title: str, row_label: str) -> bytes:
     counts = np.frombuffer(counts_bytes, dtype=np.int64).reshape(shape)
-    return to_png(partition_heatmap(counts, title=f"client x class samples\n{title}"), dpi=100)
+    return to_png(partition_heatmap(counts, title=f"client x {row_label} samples\n{title}", row_label=row_label),
+                  dpi=100)
 
 
-def _heatmap_png(counts: np.ndarray, title: str) -> bytes:
+def _heatmap_png(counts: np.ndarray, title: str, row_label: str = "class") -> bytes:
     """The partition heatmap as PNG, drawn once per partition in a session: the runs of a comparison or
     a sweep usually share their partition, and drawing it takes longer than several rounds."""
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    return _heatmap_png_cached(counts.tobytes(), counts.shape, title)
+    return _heatmap_png_cached(counts.tobytes(), counts.shape, title, row_label)
 
 
 def load_partition(run_id: str, tracking_uri: str | None = None, split: str = "train") -> list[np.ndarray]:

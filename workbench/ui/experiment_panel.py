@@ -16,10 +16,12 @@ from typing import Any, Mapping, Sequence
 import ipywidgets as widgets
 
 from workbench import tracking
-from workbench.config import ExperimentConfig, Knob, PartitionConfig, knobs
+from workbench.config import TASKS, ExperimentConfig, Knob, PartitionConfig, knobs
+from workbench.data import DATASET_TASKS
 from workbench.partition import knobs_in_use
 from workbench.plots import learning_curves, live_view, to_png
 from workbench.simulation import Callback, Federation, History, RoundResult, prepare, run
+from workbench.tasks import client_metric, curve_metrics, headline_metric, summary_metrics, task_of_metrics
 
 #: Sections shown open, in this order; the rest sit under "advanced".
 MAIN_SECTIONS = ("data", "model", "partition", "federation", "training", "strategy", "")
@@ -28,8 +30,8 @@ SECTION_TITLES = {"": "experiment", "data": "data", "model": "model", "partition
                   "execution": "execution", "evaluation": "evaluation"}
 #: Keys that only matter for some values of another key: disabled (not hidden) otherwise.
 APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "data.alpha": ("data.name", ("synthetic",)),
-    "data.beta": ("data.name", ("synthetic",)),
+    "data.alpha": ("data.name", ("synthetic", "synthetic_regression")),
+    "data.beta": ("data.name", ("synthetic", "synthetic_regression")),
     "data.root": ("data.name", ("fashion_mnist", "mnist", "cifar10")),
 }  # partition.* keys: `workbench.partition.knobs_in_use` decides; strategy knobs: their `Knob.used_by`
 #: The strategies each strategy-specific knob is used by (from the config: one place).
@@ -56,7 +58,9 @@ def applies(key: str, values: Mapping[str, Any]) -> bool:
                                          if k.startswith("partition.")})
         except (ValueError, TypeError):
             return True  # an invalid partition section: keep every control editable to fix it
-        return key in knobs_in_use(section)
+        task = DATASET_TASKS.get(values.get("data.name"))
+        # a registered dataset's task is known only once it is loaded: keep what either task reads editable
+        return any(key in knobs_in_use(section, t) for t in ([task] if task else TASKS))
     used_by = KNOBS_USED_BY.get(key, ())
     if used_by:
         return values.get("strategy.name") in used_by
@@ -165,6 +169,8 @@ class ExperimentPanel(widgets.VBox):
         self._dirty = threading.Event()
         self._run_over = threading.Event()
         self._total_rounds = self.base.federation.rounds
+        #: the task of the run shown (its dataset's, once prepared): what the live view and summary show
+        self._task = DATASET_TASKS.get(self.base.data.name, "classification")
         self._refresh_applicability()
         self.validate()
         if autostart:
@@ -260,6 +266,7 @@ class ExperimentPanel(widgets.VBox):
         self._stop = threading.Event()
         self.config = config
         self._total_rounds = config.federation.rounds
+        self._task = DATASET_TASKS.get(config.data.name, self._task)
         self.progress.max, self.progress.bar_style = config.federation.rounds, ""
         self.message.value = ""
         self.update_lag_s = []
@@ -332,6 +339,7 @@ class ExperimentPanel(widgets.VBox):
             self._set_running(False)
 
     def _on_run_start(self, federation: Federation) -> None:
+        self._task = federation.dataset.task
         self.run_id = self._tracker.run_id or self.run_id  # a resumed run keeps its id
         if self.run_id:
             self.experiment_id = self._tracker.client.get_run(self.run_id).info.experiment_id
@@ -342,10 +350,11 @@ class ExperimentPanel(widgets.VBox):
             # A resumed run restarts after its last checkpoint, which may be behind the last round shown.
             self.history.rounds = [r for r in self.history.rounds if r.round < result.round] + [result]
         self.progress.value = result.round
-        accuracy = result.metrics.get("test_accuracy")
+        headline, _ = headline_metric(self._task)
+        value = result.metrics.get(headline)
         self.progress_label.value = (
             f"{result.round}/{self._total_rounds}"
-            + (f" · test accuracy {accuracy:.3f}" if accuracy is not None else "")
+            + (f" · {headline.replace('_', ' ')} {value:.3f}" if value is not None else "")
             + f" · {result.metrics.get('round_time_s', 0):.2f} s/round")
         self._round_ended_at[result.round] = time.perf_counter()
         self._dirty.set()
@@ -365,9 +374,7 @@ class ExperimentPanel(widgets.VBox):
             return widgets.HTML("no run yet: press Run in the panel above")
         final = self.history.final()
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{final[k]:.4f}</td></tr>"
-                       for k in ("test_accuracy", "test_loss", "train_loss", "train_accuracy",
-                                 "client_accuracy_median", "client_accuracy_p10", "client_accuracy_min",
-                                 "num_clients_at_zero_accuracy") if k in final)
+                       for k in summary_metrics(self._task) if k in final)
         return widgets.HTML(
             f"<b>{html.escape(self.history.status)}</b> after {len(self.history.rounds)} rounds · MLflow "
             f"experiment <code>{html.escape(self.experiment)}</code>, run <code>{self.run_id}</code><br>"
@@ -377,15 +384,16 @@ class ExperimentPanel(widgets.VBox):
         """The live view of the current (or last) run, as a matplotlib Figure."""
         with self._lock:
             rounds = list(self.history.rounds)
-        curves = {m: [(r.round, r.metrics[m]) for r in rounds if m in r.metrics]
-                  for m in ("test_accuracy", "test_loss")}
-        spread = [(r.round, list(r.client_accuracy.values())) for r in rounds if r.client_accuracy]
+        curves = {m: [(r.round, r.metrics[m]) for r in rounds if m in r.metrics] for m in curve_metrics(self._task)}
+        name, _ = client_metric(self._task)
+        spread = [(r.round, [m[name] for m in r.client_test_metrics.values() if name in m])
+                  for r in rounds if r.client_test_metrics]
         config = self.config or self.base
         title = (f"{config.strategy.name}" + (f" (mu={config.strategy.mu})" if config.strategy.name == "fedprox"
                                                else "")
                  + f" · {config.data.name} · {config.partition.scheme} · {config.federation.num_clients} clients"
                  + f" · seed {config.seed}")
-        return live_view(curves, spread, self._total_rounds, title)
+        return live_view(curves, spread, self._total_rounds, title, task=self._task)
 
     def _render_loop(self) -> None:
         while not self._run_over.is_set():
@@ -418,6 +426,12 @@ class ExperimentPanel(widgets.VBox):
         return mlflow_link_html(self.tracking_uri, self.experiment_id, [self.run_id])
 
 
+def _headline_text(metrics: Mapping[str, float]) -> str:
+    """` · test accuracy 0.912` (or test mse) of a run's latest metrics; empty before its first evaluation."""
+    name, _ = headline_metric(task_of_metrics(metrics))
+    return f" · {name.removeprefix('test_').replace('_', ' ')} {metrics[name]:.3f}" if name in metrics else ""
+
+
 def mlflow_link_html(tracking_uri: str, experiment_id: str | None, run_ids: Sequence[str],
                      ui_url: str = "http://127.0.0.1:5000") -> str:
     """Where runs are in the MLflow UI (its "Model training" view: `tracking.ui_url`): the link, once the UI
@@ -432,7 +446,7 @@ class CompareView(widgets.VBox):
     """Pick runs of an MLflow experiment and overlay their curves; links to the same runs in the MLflow UI."""
 
     def __init__(self, experiment: str = "panel", *, tracking_uri: str | None = None,
-                 metrics: Sequence[str] = ("test_accuracy", "test_loss")):
+                 metrics: Sequence[str] = curve_metrics("classification")):
         self.tracking_uri = tracking_uri or tracking.default_tracking_uri()
         self.experiment = widgets.Text(value=experiment, description="experiment")
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh")
@@ -453,12 +467,14 @@ class CompareView(widgets.VBox):
         """Reload the experiment's runs (newest first) and the metrics they logged; select them all."""
         found = tracking.list_runs(self.experiment.value, self.tracking_uri)
         self._experiment_id = found[0]["experiment_id"] if found else None
-        options = [(f"{r['name']} · {r['status']} · {r['num_rounds']} rounds"
-                    + (f" · acc {r['test_accuracy']:.3f}" if r.get("test_accuracy") is not None else ""),
+        options = [(f"{r['name']} · {r['status']} · {r['num_rounds']} rounds" + _headline_text(r["metrics"]),
                     r["run_id"]) for r in found]
         names = sorted({m for r in found for m in r["metrics"] if not m.startswith("partition_")})
         self.metrics.options = names or list(self.metrics.options)
-        self.metrics.value = tuple(m for m in ("test_accuracy", "test_loss") if m in self.metrics.options)
+        # the curves of the task most of the runs are (the newest run's, on a tie)
+        tasks_found = [task_of_metrics(r["metrics"]) for r in found]
+        task = max(tasks_found, key=tasks_found.count) if tasks_found else "classification"
+        self.metrics.value = tuple(m for m in curve_metrics(task) if m in self.metrics.options)
         self.runs.options = options
         self.runs.value = tuple(run_id for _, run_id in options)
         if not options:
@@ -472,7 +488,7 @@ class CompareView(widgets.VBox):
         labels = {run_id: label.split(" · ")[0] + f" ({run_id[:6]})" for label, run_id in self.runs.options}
         histories = tracking.metric_histories(run_ids, list(self.metrics.value), self.tracking_uri)
         curves = {labels[run_id]: histories[run_id] for run_id in run_ids}
-        return learning_curves(curves, list(self.metrics.value) or ["test_accuracy"])
+        return learning_curves(curves, list(self.metrics.value) or ["test_loss"])
 
     def draw(self) -> None:
         if not self.runs.value or not self.metrics.value:

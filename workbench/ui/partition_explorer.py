@@ -117,17 +117,20 @@ class PartitionExplorer:
             self.last_update_s = time.perf_counter() - started
             return
         self.config, self.clients, self.error = config, clients, ""
-        self.stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes)
+        self.stats = describe(dataset.y_train.numpy(), clients, dataset.num_classes, task=dataset.task,
+                              num_bins=config.partition.target_bins)
         self.summary = self.stats.summary()
         self.partition_hash = partition_hash(clients)
         title = plots.partition_title(config.with_resolved_partition(dataset.has_natural_clients),
-                                      dataset=dataset.name, num_clients=len(clients))
+                                      dataset=dataset.name, num_clients=len(clients), task=dataset.task)
         if self.overview_figure is None:
             self.overview_figure = plots.partition_overview(self.stats.counts, title=title,
-                                                            max_clients=self.max_clients_shown)
+                                                            max_clients=self.max_clients_shown,
+                                                            row_label=self.stats.row_label)
         else:  # redraw onto the same figure: the same picture, reusing its axes and ticks
             self.overview_figure = plots.update_overview(self.overview_figure, self.stats.counts, title=title,
-                                                         max_clients=self.max_clients_shown)
+                                                         max_clients=self.max_clients_shown,
+                                                         row_label=self.stats.row_label)
         self.figure.value = plots.to_png(self.overview_figure)
         self._update_preview(config, dataset, clients, title)
         self.table.value = _stats_table(self.summary)
