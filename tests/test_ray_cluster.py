@@ -96,7 +96,7 @@ def cluster(tmp_path):
     nodes = [start_node(["--head", f"--port={port}", "--include-dashboard=false",
                          f"--temp-dir={short / 'head'}"], logs[0], env)]
     try:
-        wait_for_nodes(address, 1, env, nodes, logs[:1])
+        # the second node retries until the head answers: one wait for both
         nodes.append(start_node([f"--address={address}", f"--temp-dir={short / 'worker'}"], logs[1], env))
         wait_for_nodes(address, 2, env, nodes, logs)
         yield address, env
