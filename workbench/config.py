@@ -377,7 +377,8 @@ class EvaluationConfig(_Section):
 class CheckpointConfig(_Section):
     _prefix = "checkpoint"
     every: int = knob(1, "log the global model to MLflow every N rounds (the last round and the best one "
-                      "by test accuracy are always kept; 0 = only those)", min=0,
+                      "by the headline metric, test accuracy or a regression's test MSE, are always kept; "
+                      "0 = only those)", min=0,
                       hint="1 = every round; raise it for big models and many rounds")
 
 
