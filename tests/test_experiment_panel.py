@@ -10,7 +10,7 @@ import ipywidgets as widgets
 import pytest
 from mlflow.tracking import MlflowClient
 
-from workbench.config import knobs
+from workbench.config import SUM_STRATEGIES, knobs
 from workbench.ui import CompareView, ExperimentPanel
 from workbench.ui.experiment_panel import applies, field_of_error
 
@@ -100,7 +100,7 @@ def test_knobs_that_do_not_apply_are_disabled_not_hidden(tiny_config, tracking_u
 
 
 def test_every_strategy_knob_is_editable_exactly_under_the_strategies_that_use_it(tiny_config, tracking_uri):
-    """The server optimizers' eta, SCAFFOLD's eta_g, Krum's f, DP's C and z, privacy.*: each is greyed out
+    """The server optimizers' eta, SCAFFOLD's eta_g, Krum's f, DP's C and z, secure aggregation, privacy.*: each is greyed out
     unless the chosen strategy uses it (as the config's `Knob.used_by` says), and attack.* always applies."""
     panel = ExperimentPanel(tiny_config, tracking_uri=tracking_uri)
     expected = {"fedadam": {"adaptive_lr", "beta1", "beta2", "tau"}, "fedadagrad": {"adaptive_lr", "beta1", "tau"},
@@ -108,6 +108,10 @@ def test_every_strategy_knob_is_editable_exactly_under_the_strategies_that_use_i
                 "krum": {"num_byzantine"}, "multi_krum": {"num_byzantine", "num_selected"},
                 "trimmed_mean": {"trim_fraction"}, "median": set(), "fednova": set(),
                 "dp_fedavg": {"clip_norm", "noise_multiplier", "privacy.delta", "privacy.target_epsilon"}}
+    # secure aggregation's knobs under every sum-based strategy; the membership audit under every strategy
+    secure = {"secure_aggregation", "secagg_threshold", "secagg_scale_bits"}
+    audit = {"privacy.audit", "privacy.audit_client", "privacy.audit_samples"}
+    expected = {name: keys | audit | (secure if name in SUM_STRATEGIES else set()) for name, keys in expected.items()}
     strategy_keys = [k for k in panel.controls if k.startswith(("strategy.", "privacy.")) and k != "strategy.name"]
     for name, editable in expected.items():
         panel.controls["strategy.name"].value = name

@@ -30,6 +30,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
 #: Groups of strategies that share knobs (each knob says which strategies use it: `Knob.used_by`).
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
+#: Strategies whose server step is a function of the sum of per-client contributions, so that secure
+#: aggregation can hide the individual updates (`Strategy.summand`); every other strategy refuses it.
+SUM_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dp_fedavg")
 ATTACKS = ("sign_flip", "label_flip", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("auto", "sequential", "processes", "vectorized", "ray")
@@ -308,6 +311,17 @@ class StrategyConfig(_Section):
     noise_multiplier: float = knob(1.0, "dp_fedavg: Gaussian noise of std z*C on the sum of the clipped "
                                    "updates", min=0.0, hint="0 = clipping only (no privacy); try 0.5-2",
                                    used_by=("dp_fedavg",))
+    secure_aggregation: bool = knob(False, "secure aggregation (Bonawitz et al. 2017): clients mask their "
+                                    "quantized updates with pairwise masks that cancel in the sum, so the server "
+                                    "sees only the cohort's sum", used_by=SUM_STRATEGIES)
+    secagg_threshold: float = knob(0.67, "secure aggregation: fraction t/n of the round's clients whose shares "
+                                   "must survive for the server to unmask the sum (Shamir t of n)", min=0.5,
+                                   max=1.0, min_exclusive=True,
+                                   hint="t > n/2 keeps a server that lies about dropouts from unmasking a "
+                                   "single update; 2/3 is common", used_by=SUM_STRATEGIES)
+    secagg_scale_bits: int = knob(24, "secure aggregation: updates are quantized to multiples of "
+                                  "2^-secagg_scale_bits in the ring Z_2^64 before masking", min=8, max=40,
+                                  hint="24 = a rounding of 3e-8 per coordinate", used_by=SUM_STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -334,6 +348,13 @@ class PrivacyConfig(_Section):
     target_epsilon: float = knob(0.0, "dp_fedavg: end the run (FINISHED) before the round that would spend "
                                  "more than this epsilon (0 = no budget)", min=0.0, hint="0 = no budget; try 1-10",
                                  used_by=("dp_fedavg",))
+    audit: bool = knob(False, "membership-inference audit (Yeom et al. 2018 loss threshold) every evaluation "
+                       "round: the attacker's AUC against the global model and against one client's local "
+                       "model, logged as privacy_mia_auc_global / privacy_mia_auc_client")
+    audit_client: int = knob(0, "privacy.audit: the client whose local model is audited (in the rounds it "
+                             "trains)", min=0)
+    audit_samples: int = knob(500, "privacy.audit: at most this many members and as many non-members (test "
+                              "samples) per AUC", min=10, hint="more = a steadier AUC, slower rounds")
 
 
 @dataclass(frozen=True)
@@ -414,6 +435,11 @@ class ExperimentConfig:
             raise ValueError(
                 f"federation.clients_per_round must be <= federation.num_clients ({fed.num_clients}), "
                 f"got {fed.clients_per_round} (lower clients_per_round or raise num_clients)"
+            )
+        if self.privacy.audit and self.privacy.audit_client >= fed.num_clients:
+            raise ValueError(
+                f"privacy.audit_client must be < federation.num_clients ({fed.num_clients}), got "
+                f"{self.privacy.audit_client} (clients are numbered 0..{fed.num_clients - 1})"
             )
         if fed.straggler_fraction > 0 and train.local_epochs < 2:
             raise ValueError(

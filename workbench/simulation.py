@@ -25,6 +25,7 @@ from workbench.execution import (ClientDropped, Executor, RunStopped, Sequential
 from workbench.models import build_model, check_model_fits
 from workbench.partition import (FEATURE_SKEWS, apply_feature_skew, check_feature_skew, partition,
                                  partition_test_by_labels, summarize)
+from workbench.privacy.membership import audit_samples, membership_audit
 from workbench.scaling import scale_features
 from workbench.strategies import Strategy, build_strategy
 # accuracy_spread: re-exported, where it was before tasks had a module of their own
@@ -39,7 +40,8 @@ STREAM_DATA, STREAM_PARTITION, STREAM_INIT, STREAM_SAMPLING, STREAM_STRAGGLERS, 
 # The server's stream, keyed by (seed, round, purpose): which clients attack, the attackers' noise (per
 # client) and the aggregation's own randomness (DP noise). Client-side streams never depend on it.
 STREAM_SERVER = 6
-SERVER_ATTACKERS, SERVER_ATTACK_NOISE, SERVER_AGGREGATION = range(3)
+# The privacy audit's draws of members and non-members (an observer: it never moves another stream).
+SERVER_ATTACKERS, SERVER_ATTACK_NOISE, SERVER_AGGREGATION, SERVER_AUDIT = range(4)
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
@@ -663,6 +665,32 @@ def evaluate_own_models(federation: Federation, models: Mapping[int, Mapping[str
     return metrics, client_test, client_train_loss
 
 
+def audit_membership(federation: Federation, round_: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """The membership-inference audit of a round (`privacy.audit`; Yeom et al., CSF 2018, the loss-threshold
+    attack): its AUC separating members from non-members by their loss, against the new global model
+    (members: training samples of any client) and against `privacy.audit_client`'s local model, the update
+    it sent this round (members: its own training samples; logged only in rounds it trained). Non-members
+    are test samples, which no client trains on; each side holds at most `privacy.audit_samples`, drawn
+    from the round's audit stream. 0.5 = the attacker learns nothing; 1 = every member is told apart."""
+    privacy, data, task = federation.config.privacy, federation.dataset, federation.dataset.task
+    rng = server_stream(federation.config, round_, SERVER_AUDIT)
+
+    def audit(model: nn.Module, member_rows: np.ndarray) -> float:
+        mine, theirs = audit_samples(len(member_rows), len(data.y_test), rng=rng, limit=privacy.audit_samples)
+        rows = torch.as_tensor(member_rows[mine], device=data.y_train.device)
+        test_rows = torch.as_tensor(theirs, device=data.y_test.device)
+        return membership_audit(model, (data.x_train[rows], data.y_train[rows]),
+                                (data.x_test[test_rows], data.y_test[test_rows]), task)
+
+    out = {"privacy_mia_auc_global": audit(federation.model, np.arange(len(data.y_train)))}
+    own = next((u for u in updates if u.client == privacy.audit_client), None)
+    if own is not None and len(federation.clients[own.client]):
+        local = copy.deepcopy(federation.model)
+        local.load_state_dict(own.state)
+        out["privacy_mia_auc_client"] = audit(local, np.asarray(federation.clients[own.client]))
+    return out
+
+
 def run_round(federation: Federation, executor: Executor, round_: int,
               stop: threading.Event | None = None) -> RoundResult:
     """One round: plan the cohort, train it, aggregate into `federation.model`, measure, evaluate."""
@@ -685,6 +713,8 @@ def run_round(federation: Federation, executor: Executor, round_: int,
     if round_ % config.evaluation.every == 0 or round_ == config.federation.rounds:
         evaluated, client_test, client_train_loss = evaluate_round(federation)
         metrics.update(evaluated)
+    if config.privacy.audit:
+        metrics.update(audit_membership(federation, round_, updates))
     metrics["round_time_s"] = time.perf_counter() - started
     if not all(math.isfinite(v) for v in metrics.values()):
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}

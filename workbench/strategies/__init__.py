@@ -1,6 +1,6 @@
 """Federated algorithms on one seam (`Strategy`): FedAvg and FedProx, server optimizers, SCAFFOLD,
 FedNova, robust aggregation and DP-FedAvg, and the local and centralized baselines, each built by its
-public name."""
+public name, and secure aggregation around any of them whose server step needs only a sum."""
 
 from __future__ import annotations
 
@@ -44,5 +44,12 @@ def strategy_class(name: str) -> type:
 
 
 def build_strategy(config: ExperimentConfig) -> Strategy:
-    """The strategy `config.strategy.name` names, with its knobs (never a silent fallback)."""
-    return strategy_class(config.strategy.name).from_config(config)
+    """The strategy `config.strategy.name` names, with its knobs (never a silent fallback); behind secure
+    aggregation when `strategy.secure_aggregation` (refused, with the reason, where the method needs the
+    individual updates)."""
+    strategy = strategy_class(config.strategy.name).from_config(config)
+    if config.strategy.secure_aggregation:
+        from workbench.strategies.secure import SecureAggregation
+
+        return SecureAggregation.from_config(strategy, config)
+    return strategy

@@ -3,7 +3,7 @@ aggregated, what the server remembers), its defaults, and the aggregation math s
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,18 @@ class Strategy(Protocol):
         """The next global model from the accepted updates; `rng` is the server's stream for this round
         (DP noise), independent of every client-side stream."""
 
+    #: why secure aggregation cannot hide this method's individual updates; None where the server step is
+    #: a function of the sum of the clients' `summand`s (then `aggregate` is `aggregate_sum` of that sum)
+    secure_aggregation_refusal: str | None
+
+    def summand(self, global_state: State, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        """What one update contributes to the sum the server step needs (float64 tensors): the part of
+        aggregation a client can compute alone, and what secure aggregation masks."""
+
+    def aggregate_sum(self, global_state: State, total: Mapping[str, torch.Tensor], num_updates: int,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The next global model from the sum of `num_updates` (>= 1) updates' `summand`s."""
+
     def round_metrics(self) -> dict[str, float]:
         """What the strategy measured in the last `aggregate` (e.g. the privacy spent), for the record."""
 
@@ -96,9 +108,21 @@ class StrategyBase:
     def accepts(self, task: ClientTask) -> bool:
         return self.keeps_partial_work or not task.is_partial
 
+    secure_aggregation_refusal: ClassVar[str | None] = None
+
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
                   rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return aggregate_by_samples(global_state, updates)
+        if not updates:
+            return dict(global_state)
+        total = sum_summands([self.summand(global_state, u) for u in updates])
+        return self.aggregate_sum(global_state, total, len(updates), rng)
+
+    def summand(self, global_state: State, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        return weighted_summand(global_state, update)
+
+    def aggregate_sum(self, global_state: State, total: Mapping[str, torch.Tensor], num_updates: int,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return average_from_sum(global_state, total)
 
     def round_metrics(self) -> dict[str, float]:
         return {}
@@ -142,6 +166,43 @@ def aggregate_by_samples(global_state: State, updates: Sequence[ClientUpdate]) -
     if not updates:
         return dict(global_state)
     return weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+
+
+#: the key of a summand that carries the client's weight n_i (no model tensor is named so)
+WEIGHT_KEY = "@num_samples"
+
+
+def weighted_summand(global_state: State, update: ClientUpdate) -> dict[str, torch.Tensor]:
+    """n_i (w_i - w_global) for every floating-point tensor, n_i w_i for integer buffers, and n_i itself
+    (`WEIGHT_KEY`), in float64: summed over the updates and divided by sum_i n_i, they give FedAvg's
+    sample-weighted average (McMahan et al. 2017, Algorithm 1) as a function of one sum, which is what
+    secure aggregation lets the server learn. The update is sent relative to the global model so that
+    its quantization (`privacy.secure_aggregation`) rounds the small change, not the weights."""
+    n = float(update.num_samples)
+    out = {k: (update.state[k].double() - v.double()) * n if v.is_floating_point() else update.state[k].double() * n
+           for k, v in global_state.items()}
+    out[WEIGHT_KEY] = torch.tensor(n, dtype=torch.float64)
+    return out
+
+
+def sum_summands(summands: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The key-by-key sum of the updates' summands (what the server unmasks under secure aggregation)."""
+    return {k: sum(s[k] for s in summands) for k in summands[0]}
+
+
+def mean_update_from_sum(global_state: State, total: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sum_i n_i (w_i - w_global) / sum_i n_i over the floating-point tensors, in the global model's dtypes:
+    `mean_delta`, computed from the sum of `weighted_summand`s."""
+    weight = float(total[WEIGHT_KEY])
+    return {k: (total[k] / weight).to(v.dtype) for k, v in global_state.items() if v.is_floating_point()}
+
+
+def average_from_sum(global_state: State, total: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sample-weighted average model from the sum of `weighted_summand`s: w_global + the mean update
+    (accumulated in float64); integer buffers get their weighted mean, cast back as `weighted_average` does."""
+    weight = float(total[WEIGHT_KEY])
+    return {k: (v.double() + total[k] / weight).to(v.dtype) if v.is_floating_point() else (total[k] / weight).to(v.dtype)
+            for k, v in global_state.items()}
 
 
 def sample_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:

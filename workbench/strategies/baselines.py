@@ -29,6 +29,7 @@ class Local(StrategyBase):
     data (the client spread) and on the global test set (the mean over clients)."""
 
     name: str = "local"
+    secure_aggregation_refusal = ("its clients exchange no models: there is no sum to protect")
     keeps_partial_work: bool = True
     exchanges_models: bool = False
     models: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -71,6 +72,7 @@ class Centralized(StrategyBase):
 
     local_epochs: int = 1
     name: str = "centralized"
+    secure_aggregation_refusal = ("it pools the clients' raw data: there is no update to protect")
     keeps_partial_work: bool = True
     exchanges_models: bool = False
 

@@ -90,37 +90,49 @@ def dp_noise_std(noise_multiplier: float, clip_norm: float, expected_clients: in
     return noise_multiplier * clip_norm / expected_clients
 
 
-def dp_fedavg_step(global_state: State, states: Sequence[State], clip_norm: float, noise_multiplier: float,
-                   expected_clients: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """x + (sum_i clip(Delta_i, C) + N(0, (z C)^2 I)) / m: the fixed-denominator estimator of McMahan et al.
-    2018 (Algorithm 1, f~_f with w_k = 1, so q W = m, the expected number of clients per round).
+def clipped_delta(global_state: State, state: State, clip_norm: float) -> dict[str, torch.Tensor]:
+    """clip(w - w_global, C) in float64 over the floating-point tensors: what one client adds to DP-FedAvg's
+    sum (McMahan et al. 2018, Algorithm 1: unweighted, w_k = 1). The clip (`client.clip_update`, the clients'
+    own) is applied again here, in float64, to what is summed: a client's clipped model stored in float32
+    can sit just outside the ball (rounding), and an attacker's update replaces the clipped one; so the
+    sensitivity C holds for every update summed."""
+    floats = {k: v.double() for k, v in global_state.items() if v.is_floating_point()}
+    clipped = clip_update(floats, {k: state[k].double() for k in floats}, clip_norm)
+    return {k: clipped[k] - v for k, v in floats.items()}
 
-    The denominator is m whatever the number of `states` (a dropped straggler does not change the
+
+def noisy_mean_step(global_state: State, total: Mapping[str, torch.Tensor], clip_norm: float,
+                    noise_multiplier: float, expected_clients: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """x + (sum_i clip(Delta_i, C) + N(0, (z C)^2 I)) / m from the sum of `clipped_delta`s: the
+    fixed-denominator estimator of McMahan et al. 2018 (Algorithm 1, f~_f with w_k = 1, so q W = m, the
+    expected number of clients per round).
+
+    The denominator is m whatever the number of updates summed (a dropped straggler does not change the
     sensitivity C / m), and the updates are not weighted by sample counts: a weight n_k / mean(n) would let
-    one large client move the sum by more than C. The clip (`client.clip_update`, the clients' own) is
-    applied again here, in float64, to what is summed: a client's clipped model stored in float32 can sit
-    just outside the ball (rounding), and an attacker's update replaces the clipped one; so the
-    sensitivity C holds for every update summed. Noise is drawn from `generator` in float64, one standard
+    one large client move the sum by more than C. Noise is drawn from `generator` in float64, one standard
     normal tensor per floating-point entry in the global model's order, and the sum is cast back to each
     entry's dtype; integer buffers keep the global model's value."""
-    floats = {k: v.double() for k, v in global_state.items() if v.is_floating_point()}
-    total = {k: torch.zeros_like(v) for k, v in floats.items()}
-    for state in states:
-        clipped = clip_update(floats, {k: state[k].double() for k in floats}, clip_norm)
-        for k, v in floats.items():
-            total[k] += clipped[k] - v
     std = noise_multiplier * clip_norm
     out = {}
     for k, v in global_state.items():
-        if k not in floats:
+        if not v.is_floating_point():
             out[k] = v.clone()
             continue
-        noisy = total[k]
+        noisy = total[k].to(v.device)
         if std:
             noisy = noisy + torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.device) * std
-        out[k] = (floats[k] + noisy / expected_clients).to(v.dtype)
+        out[k] = (v.double() + noisy / expected_clients).to(v.dtype)
     return out
 
+
+def dp_fedavg_step(global_state: State, states: Sequence[State], clip_norm: float, noise_multiplier: float,
+                   expected_clients: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One DP-FedAvg server step from the clients' models: `noisy_mean_step` of the sum of their
+    `clipped_delta`s."""
+    deltas = [clipped_delta(global_state, state, clip_norm) for state in states]
+    floats = [k for k, v in global_state.items() if v.is_floating_point()]
+    total = {k: sum((d[k] for d in deltas), torch.zeros_like(global_state[k], dtype=torch.float64)) for k in floats}
+    return noisy_mean_step(global_state, total, clip_norm, noise_multiplier, expected_clients, generator)
 
 
 # ----- the strategy -----
@@ -132,8 +144,8 @@ class DPFedAvg(StrategyBase):
     client-level differential privacy for FedAvg.
 
     Every client clips its update w - w_global to L2 norm C (`LocalObjective.clip_norm`, applied by
-    `client.finish_update`); the server adds the clipped updates unweighted, adds N(0, (z C)^2 I) and
-    divides by m = clients_per_round (`dp_fedavg_step`). Stragglers are dropped, as in FedAvg: the paper
+    `client.finish_update`); the server adds the clipped updates unweighted (`clipped_delta`, the summand: secure aggregation
+    can hide them), adds N(0, (z C)^2 I) and divides by m = clients_per_round (`noisy_mean_step`). Stragglers are dropped, as in FedAvg: the paper
     has none, and the fixed denominator keeps the sensitivity C / m when fewer updates arrive. A round
     without any update releases nothing that depends on the clients' data: no noise, and it is not
     composed.
@@ -213,12 +225,13 @@ class DPFedAvg(StrategyBase):
     def local_objective(self, training: TrainingConfig, round_: int) -> LocalObjective:
         return replace(super().local_objective(training, round_), clip_norm=self.clip_norm)
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
-                  rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        if not updates:
-            return dict(global_state)
-        new_state = dp_fedavg_step(global_state, [u.state for u in updates], self.clip_norm,
-                                   self.noise_multiplier, self.clients_per_round, torch_generator(rng))
+    def summand(self, global_state: State, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        return clipped_delta(global_state, update.state, self.clip_norm)
+
+    def aggregate_sum(self, global_state: State, total: Mapping[str, torch.Tensor], num_updates: int,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        new_state = noisy_mean_step(global_state, total, self.clip_norm, self.noise_multiplier,
+                                    self.clients_per_round, torch_generator(rng))
         self.rounds += 1
         return new_state
 

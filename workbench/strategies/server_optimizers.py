@@ -3,7 +3,8 @@
 ICLR 2021, Algorithm 2).
 
 Every method here steps along the pseudo-gradient Delta_t = sum_i p_i (y_i - x_t) of round t, where x_t is the
-global model and y_i client i's model. Algorithm 2 writes the unweighted mean (1/|S|) sum_{i in S}; we weight
+global model and y_i client i's model, computed from the sum of the clients' n_i (y_i - x_t) (`StrategyBase.summand`),
+so secure aggregation composes. Algorithm 2 writes the unweighted mean (1/|S|) sum_{i in S}; we weight
 by sample counts, p_i = n_i / sum_j n_j (`strategies.base.mean_delta`), as FedAvg does (McMahan et al.,
 AISTATS 2017, Algorithm 1), so that FedAvgM with server_momentum = 0 and server_lr = 1 IS FedAvg, and every
 server optimizer here differs from FedAvg only in its server step.
@@ -31,9 +32,9 @@ from typing import Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from workbench.client import ClientUpdate
 from workbench.config import ExperimentConfig
-from workbench.strategies.base import State, StrategyBase, apply_delta, flatten_state, mean_delta, unflatten_state
+from workbench.strategies.base import (State, StrategyBase, apply_delta, flatten_state, mean_update_from_sum,
+                                       unflatten_state)
 
 M_PREFIX = "server.m"
 V_PREFIX = "server.v"
@@ -162,11 +163,9 @@ class FedAvgM(StrategyBase):
     def from_config(cls, config: ExperimentConfig) -> "FedAvgM":
         return cls(server_momentum=config.strategy.server_momentum, server_lr=config.strategy.server_lr)
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
-                  rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        if not updates:
-            return {k: v.clone() for k, v in global_state.items()}
-        delta = mean_delta(global_state, updates)
+    def aggregate_sum(self, global_state: State, total: Mapping[str, torch.Tensor], num_updates: int,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        delta = mean_update_from_sum(global_state, total)
         buffer = _held_moments(self.name, self._m, delta) or {k: torch.zeros_like(d) for k, d in delta.items()}
         move, self._m = momentum_server_update(delta, buffer, beta=self.server_momentum, server_lr=self.server_lr)
         return apply_delta(global_state, move)
@@ -209,11 +208,9 @@ class AdaptiveServerOptimizer(StrategyBase):
         s = config.strategy
         return cls(adaptive_lr=s.adaptive_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
-                  rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        if not updates:
-            return {k: v.clone() for k, v in global_state.items()}
-        delta = mean_delta(global_state, updates)
+    def aggregate_sum(self, global_state: State, total: Mapping[str, torch.Tensor], num_updates: int,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        delta = mean_update_from_sum(global_state, total)
         m, v = _held_moments(self.name, self._m, delta), _held_moments(self.name, self._v, delta)
         if m is None:
             m, v = initial_moments(delta, self.tau)
