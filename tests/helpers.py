@@ -8,13 +8,13 @@ import signal
 import subprocess
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
     """Stop a server the test started in its own session (`start_new_session=True`): SIGTERM to its whole
-    process group, SIGKILL after 15 s, then SIGKILL to whatever of the group outlived its leader."""
+    process group, SIGKILL after `grace_s`, then SIGKILL to whatever of the group outlived its leader."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
