@@ -299,6 +299,22 @@ def test_a_client_that_always_raises_is_dropped_or_fails_the_run_by_policy(ray_i
     assert max_diff(expected, federation.model.state_dict()) < 1e-5
 
 
+def test_behind_secure_aggregation_a_dropped_client_s_masks_are_removed_and_the_round_completes(ray_instance,
+                                                                                                 tmp_path):
+    """Client 3 shares its keys (it is in the cohort), then its update never arrives (it raises, twice): the
+    server reconstructs its pairwise masks from the other 9 clients' Shamir shares and unmasks their sum,
+    so the model equals the sequential run without client 3 (to the quantization error)."""
+    federation, executor = faulty_federation(tmp_path, "raise", **{"execution.on_client_failure": "drop",
+                                                                   "strategy.secure_aggregation": True})
+    expected = sequential_reference(federation, 2, drop=(3,))
+    history = run(federation, executor=executor)
+    assert history.status == "FINISHED"
+    for result in history.rounds:
+        assert result.dropped == {3: "error after 2 attempts: ValueError: planted fault"}
+        assert result.metrics["secagg_num_unmasked"] == 9.0 and result.metrics["secagg_num_recovered"] == 1.0
+    assert max_diff(expected, federation.model.state_dict()) < 1e-5
+
+
 def test_a_run_failed_by_a_client_ends_failed_in_mlflow_and_resumes(ray_instance, tmp_path, tracking_uri):
     """on_client_failure=fail: FAILED with the message, everything logged so far kept; `resume` (the model
     rebuilt from the config, so no planted fault) finishes the same MLflow run."""
