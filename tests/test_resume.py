@@ -122,16 +122,19 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(config, tracki
     assert len(keys) == len(set(keys)) and {int(r["round"]) for r in rows} == set(range(1, rounds + 1))
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "dp_fedavg"])
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "dp_fedavg", "dp_fedavg+secure_aggregation"])
 def test_stateful_strategies_resume_from_mlflow_alone_to_the_uninterrupted_result(config, tracking_uri, tmp_path,
                                                                                   strategy):
     """Server moments, every client's control variate and the privacy accountant come back from the
     checkpoint in MLflow (the local state deleted), two rounds older than the kill: the resumed run
-    recomputes them and ends with the uninterrupted run's model and every metric (dp_epsilon included)."""
+    recomputes them and ends with the uninterrupted run's model and every metric (dp_epsilon included).
+    Behind secure aggregation too: its masks are fresh key material every round, but they cancel exactly in
+    the ring, so the numbers do not depend on them."""
     rounds = 6
-    config = config.with_overrides({"checkpoint.every": 2, "federation.rounds": rounds, "strategy.name": strategy,
+    name, _, secure = strategy.partition("+")
+    config = config.with_overrides({"checkpoint.every": 2, "federation.rounds": rounds, "strategy.name": name,
                                     "federation.straggler_fraction": 0.0, "strategy.noise_multiplier": 0.3,
-                                    "strategy.adaptive_lr": 0.05})
+                                    "strategy.adaptive_lr": 0.05, "strategy.secure_aggregation": bool(secure)})
     process = start_held_cli(tmp_path / "held", 3, "run", *cli_args(config), "--tracking-uri", tracking_uri,
                              "--experiment", "stateful", "--quiet")
     process.send_signal(signal.SIGKILL)
@@ -145,7 +148,7 @@ def test_stateful_strategies_resume_from_mlflow_alone_to_the_uninterrupted_resul
     reference = prepare(config)
     expected = run(reference, [])
     assert_one_point_per_round(client, run_id, rounds, expected)
-    if strategy == "dp_fedavg":
+    if name == "dp_fedavg":
         epsilon = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "dp_epsilon"))
         assert epsilon == expected.metric("dp_epsilon") and len(epsilon) == rounds
     assert_same_model(load_model(run_id, tracking_uri), reference.model)
