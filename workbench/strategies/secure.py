@@ -89,7 +89,9 @@ class SecureAggregation:
         vectors, layout = {}, None
         for u in updates:
             vectors[u.client], layout = flatten_summand(self.inner.summand(global_state, u))
+        # the round's key exchange: the tasks planned this round (a round is planned before it aggregates)
         cohort = self.cohort if set(vectors) <= set(self.cohort) else tuple(sorted(vectors))
+        self.cohort = ()
         dropped = [c for c in cohort if c not in vectors]
         for client in dropped:  # shared its keys, then never sent a masked input
             vectors[client] = np.zeros_like(next(iter(vectors.values())))
