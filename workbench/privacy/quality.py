@@ -128,7 +128,14 @@ def reconstruction_quality(reconstruction: Reconstruction, real_x, real_y, *, is
     feature_mae (tabular rows), and label_accuracy (the matched reconstructions' labels, as a multiset).
     Fewer real samples than reconstructions (one client's sample against a cohort's reconstruction):
     scored on the reconstructions matched to them."""
-    order = match(reconstruction.inputs, real_x)
+    return matched_quality(reconstruction, match(reconstruction.inputs, real_x), real_x, real_y,
+                           is_image=is_image, data_range=data_range)
+
+
+def matched_quality(reconstruction: Reconstruction, order: np.ndarray, real_x, real_y, *, is_image: bool,
+                    data_range: float = 1.0) -> dict[str, float]:
+    """`reconstruction_quality` for a `match` already computed: `reconstruction.inputs[order[j]]` is scored
+    against `real_x[j]` (a caller that also shows the matched reconstructions matches once)."""
     inputs = _array(reconstruction.inputs, "reconstruction.inputs")[order]
     labels = _array(reconstruction.labels, "reconstruction.labels")[order]
     scores = _input_scores(inputs, _array(real_x, "real_x"), is_image, data_range)

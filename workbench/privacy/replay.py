@@ -14,7 +14,7 @@ import torch
 
 from workbench.config import ExperimentConfig
 from workbench.execution import SequentialExecutor
-from workbench.privacy.quality import match, mean_input_quality, reconstruction_quality
+from workbench.privacy.quality import match, matched_quality, mean_input_quality
 from workbench.privacy.reconstruction import ATTACKS, ServerView, reconstruct
 from workbench.privacy.views import cohort_view, dp_cohort_view, dp_view, update_norm
 from workbench.simulation import Federation, plan_cohort, prepare, run, stream, train_cohort
@@ -144,8 +144,8 @@ def leakage_report(config: ExperimentConfig, round_: int, client: int, *, defens
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {DEFENSES}, got {defense!r}")
-    replayed = replay_client_round(config, round_, client, global_state=global_state,
-                                   with_cohort=defense == "secure_aggregation" or bool(config.strategy.secure_aggregation))
+    sees_the_sum = defense == "secure_aggregation" or bool(config.strategy.secure_aggregation)
+    replayed = replay_client_round(config, round_, client, global_state=global_state, with_cohort=sees_the_sum)
     generator = torch.Generator().manual_seed(int(stream(seed, STREAM_LEAKAGE, round_, client).integers(2**63)))
     view = defended_view(replayed, defense, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                          generator=generator)
@@ -157,11 +157,11 @@ def leakage_report(config: ExperimentConfig, round_: int, client: int, *, defens
     started = time.perf_counter()
     result = reconstruct(view, attack, num_iterations=num_iterations, generator=generator)
     seconds = time.perf_counter() - started
-    quality = reconstruction_quality(result, replayed.inputs, replayed.labels, is_image=replayed.is_image,
-                                     data_range=replayed.data_range)
+    order = match(result.inputs, replayed.inputs)
+    quality = matched_quality(result, order, replayed.inputs, replayed.labels, is_image=replayed.is_image,
+                              data_range=replayed.data_range)
     baseline = mean_input_quality(replayed.inputs, replayed.reference_inputs, is_image=replayed.is_image,
                                   data_range=replayed.data_range)
-    order = match(result.inputs, replayed.inputs)
     return LeakageReport(round_, client, defense, attack, replayed.inputs, replayed.labels,
                          result.inputs[torch.as_tensor(order)], result.labels[torch.as_tensor(order)], quality,
                          baseline, replayed.is_image, seconds)

@@ -144,11 +144,11 @@ class DPFedAvg(StrategyBase):
     client-level differential privacy for FedAvg.
 
     Every client clips its update w - w_global to L2 norm C (`LocalObjective.clip_norm`, applied by
-    `client.finish_update`); the server adds the clipped updates unweighted (`clipped_delta`, the summand: secure aggregation
-    can hide them), adds N(0, (z C)^2 I) and divides by m = clients_per_round (`noisy_mean_step`). Stragglers are dropped, as in FedAvg: the paper
-    has none, and the fixed denominator keeps the sensitivity C / m when fewer updates arrive. A round
-    without any update releases nothing that depends on the clients' data: no noise, and it is not
-    composed.
+    `client.finish_update`); the server adds the clipped updates unweighted (`clipped_delta`, the summand
+    that secure aggregation can hide), adds N(0, (z C)^2 I) and divides by m = clients_per_round
+    (`noisy_mean_step`). Stragglers are dropped, as in FedAvg: the paper has none, and the fixed
+    denominator keeps the sensitivity C / m when fewer updates arrive. A round without any update releases
+    nothing that depends on the clients' data: no noise, and it is not composed.
 
     The privacy spent (`dp_epsilon` at `delta`) is logged every round; with `target_epsilon` > 0 the run
     ends, FINISHED, before the round that would spend more. State: the number of rounds composed

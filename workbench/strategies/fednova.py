@@ -71,7 +71,8 @@ class FedNova(StrategyBase):
     #: rho, the clients' local SGD momentum (it decides ||a_i||_1)
     momentum: float = 0.0
     name: str = "fednova"
-    secure_aggregation_refusal = ("its normalized average divides each update by that client's own local-step norm a_i (not implemented under secure aggregation)")
+    secure_aggregation_refusal = ("its normalized average divides each update by that client's own local-step norm "
+                                  "a_i (not implemented under secure aggregation)")
     keeps_partial_work: bool = True
 
     def __post_init__(self) -> None:

@@ -122,7 +122,8 @@ class Median(StrategyBase):
     count). Stragglers are dropped."""
 
     name: str = "median"
-    secure_aggregation_refusal = ("it takes each coordinate's median over the individual updates, and secure aggregation shows the server only their sum")
+    secure_aggregation_refusal = ("it takes each coordinate's median over the individual updates, and secure "
+                                  "aggregation shows the server only their sum")
     keeps_partial_work: bool = False
 
     @classmethod
@@ -155,7 +156,8 @@ class TrimmedMean(StrategyBase):
 
     trim_fraction: float = 0.1
     name: str = "trimmed_mean"
-    secure_aggregation_refusal = ("it sorts each coordinate over the individual updates to trim both ends, and secure aggregation shows the server only their sum")
+    secure_aggregation_refusal = ("it sorts each coordinate over the individual updates to trim both ends, and "
+                                  "secure aggregation shows the server only their sum")
     keeps_partial_work: bool = False
     _last: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -210,7 +212,8 @@ class MultiKrum(StrategyBase):
     num_byzantine: int = 2
     num_selected: int = 0
     name: str = "multi_krum"
-    secure_aggregation_refusal = ("it scores every individual update by its distances to the others, and secure aggregation shows the server only their sum")
+    secure_aggregation_refusal = ("it scores every individual update by its distances to the others, and secure "
+                                  "aggregation shows the server only their sum")
     keeps_partial_work: bool = False
     _last: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -78,7 +78,9 @@ class Scaffold(StrategyBase):
     #: eta_g, the server learning rate (1 = the clients' mean model)
     server_lr: float = 1.0
     name: str = "scaffold"
-    secure_aggregation_refusal = ("the server of this simulation keeps every client's control variate c_i and reads each delta c_i, so the individual updates stay visible (not implemented under secure aggregation)")
+    secure_aggregation_refusal = ("the server of this simulation keeps every client's control variate c_i and reads "
+                                  "each delta c_i, so the individual updates stay visible (not implemented under "
+                                  "secure aggregation)")
     keeps_partial_work: bool = False
     #: the server variate c (empty until the first aggregated round: c = 0)
     c: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
