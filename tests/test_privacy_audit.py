@@ -34,7 +34,8 @@ def test_the_audit_logs_each_round_s_auc_and_changes_nothing_else():
 
 
 def test_the_client_s_auc_is_the_loss_threshold_attack_on_its_own_update():
-    """The logged client AUC equals the attack recomputed by hand on the model that client sent, with its
+    """The logged global AUC is the attack on the new global model over a draw of all training samples, and
+    the logged client AUC equals the attack recomputed by hand on the model that client sent, with its
     own samples as members and test samples as non-members (a 10-epoch local model on ~70 samples leaks:
     measured AUC ~0.65-0.8, above the global model's)."""
     config = ExperimentConfig.from_dict({**BASE, "federation.rounds": 1, "federation.clients_per_round": 20,
@@ -45,13 +46,17 @@ def test_the_client_s_auc_is_the_loss_threshold_attack_on_its_own_update():
 
     cohort = plan_cohort(federation, 1)
     updates, _ = train_cohort(federation, SequentialExecutor(federation.model), cohort)
-    history = run(prepare(config))
+    audited = prepare(config)
+    history = run(audited)
     logged = history.rounds[0].metrics
     own = next(u for u in updates if u.client == 5)
     federation.model.load_state_dict(own.state)
     data = federation.dataset
     rng = server_stream(config, 1, SERVER_AUDIT)
-    audit_samples(len(data.y_train), len(data.y_test), rng=rng, limit=200)  # the global model's draw comes first
+    members, nonmembers = audit_samples(len(data.y_train), len(data.y_test), rng=rng, limit=200)  # drawn first
+    expected_global = membership_audit(audited.model, (data.x_train[members], data.y_train[members]),
+                                       (data.x_test[nonmembers], data.y_test[nonmembers]))
+    assert logged["privacy_mia_auc_global"] == pytest.approx(expected_global, abs=1e-12)
     rows = np.asarray(federation.clients[5])
     mine, theirs = audit_samples(len(rows), len(data.y_test), rng=rng, limit=200)
     expected = membership_audit(federation.model, (data.x_train[rows[mine]], data.y_train[rows[mine]]),
